@@ -1,0 +1,40 @@
+"""zae_trainer: a small PyTorch training loop that emits events, and add-ons composed onto it.
+
+>>> from zae_trainer import Trainer, AddOn, Event
+"""
+
+from __future__ import annotations
+
+from .addon import AddOn, AddOnBase
+from .errors import (
+    AddOnDefinitionError,
+    AddOnHookError,
+    NonFiniteLossError,
+    SkipStep,
+    StepOutputError,
+    TrainerConfigError,
+    TrainingInterrupted,
+    TrainingTerminated,
+)
+from .events import Event
+from .progress import ProgressChecker
+from .trainer import Trainer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Trainer",
+    "ProgressChecker",
+    "Event",
+    "AddOn",
+    "AddOnBase",
+    "SkipStep",
+    "AddOnDefinitionError",
+    "AddOnHookError",
+    "NonFiniteLossError",
+    "StepOutputError",
+    "TrainerConfigError",
+    "TrainingInterrupted",
+    "TrainingTerminated",
+    "__version__",
+]
