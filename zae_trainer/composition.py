@@ -269,7 +269,7 @@ def build_trainer_class(base: type, addons: Iterable[Any]) -> type:
         "_zt_handlers": _handler_table(specs),
         "_zt_recipe": (base, tuple(_picklable(a) for a in raw)),
         "_zt_root_name": root_name,
-        "addons": (*getattr(base, "addons", ()), *(s.cls for s in new_specs)),
+        "addons": tuple(s.cls for s in specs),  # declared (dispatch) order
     }
     for index, spec in enumerate(specs):
         for name in spec.cls.exports:
