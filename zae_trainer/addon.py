@@ -48,6 +48,7 @@ STRATEGY_METHODS: Final[frozenset[str]] = frozenset(
         "wrap_model",  # e.g. DistributedDataParallel
         "unwrap_model",
         "prepare_loader",  # e.g. inject a DistributedSampler
+        "skip_consumed_batches",  # e.g. sampler-aware fast-forward when resuming mid-epoch
         "autocast",  # context manager around train_step / test_step
         "backward",
         "optimizer_step",
