@@ -104,7 +104,7 @@ class ProgressDisplay:
                 self._epoch_bar.set_postfix_str(format_metrics(metrics, limit=4), refresh=False)
                 self._epoch_bar.update(1)
             return
-        print(f"epoch {epoch}/{total}  {format_metrics(metrics)}  ({seconds:.1f}s)", file=self.stream, flush=True)
+        print(f"epoch {epoch}/{total}  {format_metrics(metrics)}  ({seconds:.2f}s)", file=self.stream, flush=True)
 
     def close(self, summary: RunSummary) -> None:
         self._close_batch_bar()

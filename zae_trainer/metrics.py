@@ -116,7 +116,10 @@ def _to_floats(values: list[Any]) -> list[float]:
     tensors = [(i, v) for i, v in enumerate(values) if isinstance(v, torch.Tensor)]
     if not tensors:
         return [float(v) for v in values]
-    stacked = torch.stack([t.reshape(()) for _, t in tensors]).tolist()
+    try:
+        stacked = torch.stack([t for _, t in tensors]).reshape(-1).tolist()
+    except RuntimeError:  # mixed shapes such as () and (1,): flatten each first
+        stacked = torch.stack([t.reshape(()) for _, t in tensors]).tolist()
     out = [float(v) if not isinstance(v, torch.Tensor) else 0.0 for v in values]
     for (i, _), value in zip(tensors, stacked):
         out[i] = float(value)

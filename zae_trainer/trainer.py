@@ -193,6 +193,12 @@ class Trainer(ZaeEngineCompat, metaclass=TrainerMeta):
             event: tuple((self._zt_addons[i], fn.__get__(self._zt_addons[i])) for i, fn in chain)
             for event, chain in self._zt_handlers.items()
         }
+        # Fast paths for the per-batch loop: skip dispatch when nothing listens, skip the
+        # autocast context when no strategy overrides it.
+        self._emit_hot: Callable[..., None] = self.emit if self._zt_bound else _ignore_event
+        self._plain_autocast = type(self).autocast is Trainer.autocast
+        self._plain_run_batch = type(self).run_batch is Trainer.run_batch
+        self._train_acc = self._accumulators["train"]
         for addon in self._zt_addons:
             addon.setup(self)
 
@@ -338,6 +344,7 @@ class Trainer(ZaeEngineCompat, metaclass=TrainerMeta):
         previous_handlers = self._install_signal_handlers()
         try:
             self.model = self.wrap_model(self.model)
+            self.zero_grad()  # gradients left from before run() must not leak into step 1
             self.emit(Event.RUN_BEGIN)
             self._display.start(self._target_epoch, pc.epoch)
             if self.mode == "train":
@@ -391,8 +398,9 @@ class Trainer(ZaeEngineCompat, metaclass=TrainerMeta):
         if training:
             self._epoch_batches = total
             batches = self.skip_consumed_batches(loader, pc.batch_in_epoch)
+        handle = self._train_batch if training and self._plain_run_batch else self.run_batch
         for batch in batches:
-            self.run_batch(batch, **kwargs)
+            handle(batch, **kwargs)
             self._display.batch_done()
             if self._pending_signal is not None:
                 self._interrupt()
@@ -427,34 +435,49 @@ class Trainer(ZaeEngineCompat, metaclass=TrainerMeta):
             raise TrainerConfigError(f"unknown mode {self.mode!r}; use 'train' or 'test'")
 
     def _train_batch(self, batch: Any, **kwargs: Any) -> None:
+        # The hot path: every line here runs once per batch, so it avoids needless context
+        # managers and event lookups (see _plain_autocast / _emit_hot, set in __init__).
         pc = self.progress_checker
-        self.emit(Event.TRAIN_BATCH_BEGIN)
+        emit = self._emit_hot
+        emit(Event.TRAIN_BATCH_BEGIN)
         batch = move_to_device(batch, self.device, self.non_blocking)
-        group = self.accumulate_grad_batches
         position = pc.batch_in_epoch + 1
-        closes_group = position % group == 0 or position == self._epoch_batches
-        with contextlib.nullcontext() if closes_group else self.no_sync():
-            with self.autocast():
-                outputs = self.train_step(batch)
-            loss = _check_train_outputs(outputs, pc.step + 1)
-            self.emit(Event.BEFORE_BACKWARD)
-            self.backward(loss / group if group > 1 else loss)
-            self.emit(Event.AFTER_BACKWARD)
+        closes_group = position % self.accumulate_grad_batches == 0 or position == self._epoch_batches
+        if closes_group:
+            outputs = self._forward_backward(batch)
+        else:
+            with self.no_sync():
+                outputs = self._forward_backward(batch)
         pc.batches += 1
-        pc.batch_in_epoch += 1
+        pc.batch_in_epoch = position
         size = _batch_size(batch)
         pc.samples += size
-        self._accumulators["train"].add(outputs, size, pc.step + 1)
+        self._train_acc.add(outputs, size, pc.step + 1)
         if closes_group:
             self._optimizer_phase(**kwargs)
-        self.emit(Event.TRAIN_BATCH_END)
+        emit(Event.TRAIN_BATCH_END)
         if closes_group and pc.step % self.log_every_n_steps == 0:
-            self._flush(self._accumulators["train"])
+            self._flush(self._train_acc)
+
+    def _forward_backward(self, batch: Any) -> Mapping[str, Any]:
+        emit = self._emit_hot
+        if self._plain_autocast:
+            outputs = self.train_step(batch)
+        else:
+            with self.autocast():
+                outputs = self.train_step(batch)
+        loss = _check_train_outputs(outputs, self.progress_checker.step + 1)
+        emit(Event.BEFORE_BACKWARD)
+        group = self.accumulate_grad_batches
+        self.backward(loss / group if group > 1 else loss)
+        emit(Event.AFTER_BACKWARD)
+        return outputs
 
     def _optimizer_phase(self, **kwargs: Any) -> None:
         pc = self.progress_checker
+        emit = self._emit_hot
         try:
-            self.emit(Event.BEFORE_OPTIMIZER_STEP)
+            emit(Event.BEFORE_OPTIMIZER_STEP)
             if self.gradient_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.gradient_clip)
             self.optimizer_step()
@@ -462,9 +485,9 @@ class Trainer(ZaeEngineCompat, metaclass=TrainerMeta):
         except SkipStep:
             pc.skipped_steps += 1
             stepped = False
-        pc.update_step()
+        pc.step += 1
         if stepped:
-            self.emit(Event.AFTER_OPTIMIZER_STEP)
+            emit(Event.AFTER_OPTIMIZER_STEP)
             if self.scheduler is not None and self.scheduler_step_on_batch:
                 self.scheduler.step(**kwargs)
         self.zero_grad()
@@ -797,6 +820,10 @@ _CORE_SETTINGS = (
 )
 
 
+def _ignore_event(event: Event, *args: Any) -> None:
+    """Stands in for ``emit`` on the hot path of a trainer without add-ons."""
+
+
 def _construct(spec: AddOnSpec, kwargs: dict[str, Any]) -> AddOn:
     try:
         return spec.cls(**kwargs)
@@ -825,6 +852,8 @@ def _length(loader: Any) -> int | None:
 
 def _batch_size(batch: Any) -> int:
     """Samples in a batch: the leading dimension of its first tensor (1 if it has none)."""
+    if type(batch) is tuple and batch and type(batch[0]) is torch.Tensor and batch[0].dim() > 0:
+        return batch[0].shape[0]  # the common (inputs, targets) case, without the search below
     stack = [batch]
     while stack:
         item = stack.pop(0)
@@ -839,7 +868,7 @@ def _batch_size(batch: Any) -> int:
 
 def _check_train_outputs(outputs: Any, step: int) -> torch.Tensor:
     """Python-side checks of a train_step result; none of them reads a tensor's value."""
-    if not isinstance(outputs, Mapping):
+    if type(outputs) is not dict and not isinstance(outputs, Mapping):
         raise StepOutputError(
             f"train_step must return a dict such as {{'loss': loss}}, got {type(outputs).__name__} at step {step}"
         )

@@ -1,0 +1,102 @@
+"""Train a small MLP on scikit-learn's bundled handwritten digits; print held-out accuracy.
+
+The data ships inside scikit-learn (1,797 8x8 images, no download). 20% is held out for
+validation, stratified and seeded, so the run is reproducible. On 2 CPU cores it takes a few
+seconds and reaches about 0.97-0.98 held-out accuracy.
+
+Run:  python examples/train_digits.py [--epochs 30] [--out runs/digits]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from zae_trainer import Trainer  # noqa: E402
+
+
+class DigitsTrainer(Trainer):
+    """Classification: cross-entropy loss, plus accuracy computed on the device."""
+
+    loss_fn = nn.CrossEntropyLoss()
+
+    def train_step(self, batch: Any) -> dict[str, torch.Tensor]:
+        x, y = batch
+        logits = self.model(x)
+        return {"loss": self.loss_fn(logits, y), "acc": (logits.argmax(1) == y).float().mean()}
+
+    def test_step(self, batch: Any) -> dict[str, torch.Tensor]:
+        x, y = batch
+        logits = self.model(x)
+        return {
+            "loss": self.loss_fn(logits, y),
+            "acc": (logits.argmax(1) == y).float().mean(),
+            "output": logits.argmax(1),
+        }
+
+
+def load_digits_split(seed: int = 0, valid_fraction: float = 0.2) -> tuple[TensorDataset, TensorDataset]:
+    """Stratified train/validation split of the digits, pixels scaled to [0, 1]."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(digits.target, dtype=torch.long)
+    idx_train, idx_valid = train_test_split(
+        range(len(y)), test_size=valid_fraction, random_state=seed, stratify=digits.target
+    )
+    return TensorDataset(x[idx_train], y[idx_train]), TensorDataset(x[idx_valid], y[idx_valid])
+
+
+def make_model() -> nn.Module:
+    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Dropout(0.1), nn.Linear(128, 10))
+
+
+def main(argv: list[str] | None = None) -> float:
+    parser = argparse.ArgumentParser(description="Train an MLP on scikit-learn's digits.")
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(args.seed)
+    train_set, valid_set = load_digits_split(seed=args.seed)
+    train_loader = DataLoader(
+        train_set, batch_size=args.batch_size, shuffle=True, generator=torch.Generator().manual_seed(args.seed)
+    )
+    valid_loader = DataLoader(valid_set, batch_size=256)
+
+    model = make_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
+    trainer = DigitsTrainer(
+        model,
+        device="cpu",
+        mode="train",
+        optimizer=optimizer,
+        scheduler=scheduler,
+        log_every_n_steps=10,
+        config=vars(args),
+    )
+    trainer.run(args.epochs, train_loader, valid_loader)
+
+    trainer.apply_weights()  # the best epoch by validation loss
+    predictions = torch.cat(trainer.inference(valid_loader))
+    targets = torch.cat([y for _, y in valid_loader])
+    accuracy = (predictions == targets).float().mean().item()
+    print(f"held-out accuracy: {accuracy:.4f} on {len(targets)} digits (best epoch {trainer.best['epoch']})")
+    return accuracy
+
+
+if __name__ == "__main__":
+    main()
