@@ -13,7 +13,6 @@ from .errors import (
     SkipStep,
     StepOutputError,
     TrainerConfigError,
-    TrainingInterrupted,
     TrainingTerminated,
 )
 from .events import Event
@@ -34,7 +33,6 @@ __all__ = [
     "NonFiniteLossError",
     "StepOutputError",
     "TrainerConfigError",
-    "TrainingInterrupted",
     "TrainingTerminated",
     "__version__",
 ]

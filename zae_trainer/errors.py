@@ -13,7 +13,6 @@ __all__ = [
     "TrainerConfigError",
     "StepOutputError",
     "NonFiniteLossError",
-    "TrainingInterrupted",
     "TrainingTerminated",
 ]
 
@@ -74,19 +73,6 @@ class NonFiniteLossError(FloatingPointError):
     def __init__(self, message: str, step: int) -> None:
         super().__init__(message)
         self.step = step
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """SIGINT (Ctrl-C) stopped ``run()`` at a batch boundary.
-
-    Subclasses ``KeyboardInterrupt`` so code that already handles Ctrl-C handles it;
-    ``exit_code`` is the conventional ``128 + signum`` (130).
-    """
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(f"training interrupted by signal {signum}")
-        self.signum = signum
-        self.exit_code = 128 + signum
 
 
 class TrainingTerminated(SystemExit):

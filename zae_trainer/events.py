@@ -14,23 +14,27 @@ Where every event fires, as the loop runs (``run(n_epoch, loader, valid_loader)`
             if this batch closes an accumulation group:
                 BEFORE_OPTIMIZER_STEP           # unscale, clip, guard; may raise SkipStep
                 optimizer_step()
+                progress_checker.step += 1
                 AFTER_OPTIMIZER_STEP            # not fired for a skipped step
-                zero_grad(); per-batch scheduler step
+                per-batch scheduler step (if stepped); zero_grad()
             TRAIN_BATCH_END
             every log_every_n_steps optimizer steps:  LOG(metrics)
+        LOG(metrics of the batches since the last log point), if any
         if validation is due:
             VALID_BEGIN
             for batch in valid_loader:
                 outputs = test_step(batch)
                 VALID_BATCH_END
-            VALID_END                           # validation metrics are final here
+            VALID_END
+        epoch metrics reduced (across processes under DDP); best tracked; per-epoch scheduler step;
+        progress_checker.epoch += 1
         EPOCH_END                               # trainer.epoch_metrics is final here
-        LOG(epoch metrics); per-epoch scheduler step
         if stop requested: break
     RUN_END                                     # always, also after EXCEPTION / INTERRUPT
 
     raised anywhere inside run():   EXCEPTION(exc), RUN_END, then the error propagates unchanged
-    SIGINT / SIGTERM during run():  at the next batch boundary INTERRUPT(signum), RUN_END, then exit
+    SIGINT / SIGTERM during run():  at the next batch boundary INTERRUPT(signum), RUN_END, then
+                                    KeyboardInterrupt (exit 130) / TrainingTerminated (exit 143)
     a checkpoint is written / read: CHECKPOINT_SAVE(checkpoint) / CHECKPOINT_LOAD(checkpoint)
 
 Why end-events do not fire when a phase raises: an end-event promises the phase finished

@@ -32,7 +32,6 @@ from .errors import (
     SkipStep,
     StepOutputError,
     TrainerConfigError,
-    TrainingInterrupted,
     TrainingTerminated,
 )
 from .events import Event
@@ -95,7 +94,9 @@ class Trainer(ZaeEngineCompat, metaclass=TrainerMeta):
         Copy batches asynchronously from pinned memory.
     handle_signals : bool
         During ``run()``, turn SIGINT/SIGTERM into a clean stop at the next batch boundary
-        (``Event.INTERRUPT`` fires first). Installed only in the main thread, restored after.
+        (``Event.INTERRUPT`` fires first, then ``RUN_END``; SIGINT then raises
+        ``KeyboardInterrupt``, SIGTERM ``TrainingTerminated``, a ``SystemExit`` with code 143).
+        A second SIGINT interrupts at once. Installed only in the main thread, restored after.
     config : Mapping or None
         Run configuration and hyperparameters, recorded by loggers and checkpoints.
     **addon_settings
@@ -354,7 +355,7 @@ class Trainer(ZaeEngineCompat, metaclass=TrainerMeta):
                 for _ in range(n_epoch):
                     self._run_one_epoch(**kwargs)
             self.summary.status = "stopped" if self.stop_reason else "finished"
-        except (TrainingInterrupted, TrainingTerminated):
+        except (KeyboardInterrupt, TrainingTerminated):
             self.summary.status = "interrupted"
             raise
         except BaseException as exc:
@@ -795,7 +796,9 @@ class Trainer(ZaeEngineCompat, metaclass=TrainerMeta):
         assert signum is not None
         self.emit(Event.INTERRUPT, signum)
         if signum == signal.SIGINT:
-            raise TrainingInterrupted(signum)
+            # A plain KeyboardInterrupt: CPython then exits the conventional way (killed by
+            # SIGINT, status 130); a subclass would exit with status 1.
+            raise KeyboardInterrupt(f"training interrupted by SIGINT at step {self.progress_checker.step}")
         raise TrainingTerminated(signum)
 
 
