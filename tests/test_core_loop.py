@@ -395,3 +395,37 @@ def test_signal_stops_at_a_batch_boundary_with_interrupt_event_and_conventional_
     last = proc.stdout.strip().split("|")
     assert last == ["TRAIN_BATCH_END e0 s5", "INTERRUPT e0 s5", "RUN_END e0 s5"]
     assert os.listdir(tmp_path) == ["train.py"]
+
+
+class _TtyStream:
+    """A stream that says it is a terminal, so the display animates a tqdm bar."""
+
+    def __init__(self) -> None:
+        self.chunks: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.chunks.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_interactive_stream_gets_tqdm_bars_with_loss_and_lr_in_the_postfix() -> None:
+    from zae_trainer.display import ProgressDisplay, RunSummary
+
+    stream = _TtyStream()
+    display = ProgressDisplay(True, stream)  # type: ignore[arg-type]
+    display.start(total_epochs=2, first_epoch=0)
+    display.epoch_begin(1, total_batches=4)
+    for _ in range(4):
+        display.batch_done()
+    display.show_metrics({"train/loss": 0.25, "train/acc": 0.9}, lr=1e-3)
+    assert display._batch_bar.postfix == "loss=0.25, lr=1.00e-03"
+    display.epoch_end(1, 2, {"train/loss": 0.25}, 0.1)
+    display.close(RunSummary(epochs=1, steps=4, status="finished"))
+    text = "".join(stream.chunks)
+    assert "\r" in text and "run finished: 1 epoch(s), 4 step(s)" in text

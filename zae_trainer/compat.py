@@ -17,15 +17,45 @@ import torch
 from .transfer import move_to_device
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .trainer import Trainer
+    from torch import nn
+
+    from .metrics import MetricAccumulator
 
 __all__ = ["ZaeEngineCompat"]
 
 
 class ZaeEngineCompat:
-    """Mixed into :class:`~zae_trainer.Trainer`; every method here works on ``self: Trainer``."""
+    """Mixed into :class:`~zae_trainer.Trainer`; every method here works on a trainer."""
 
-    def _to_device(self: "Trainer", *args: Any, **kwargs: Any) -> Any:
+    if TYPE_CHECKING:  # what the methods below use from Trainer
+        device: torch.device
+        non_blocking: bool
+        mode: str
+        monitor_mode: str
+        loss_buffer: float
+        weight_buffer: defaultdict[str, list[Any]]
+        optimizer: torch.optim.Optimizer | None
+        loader: Any
+        valid_loader: Any
+        batch_size: int | None
+        valid_batch_size: int | None
+        loss_history_train: list[float]
+        loss_history_test: list[float]
+        _accumulators: dict[str, MetricAccumulator]
+
+        @property
+        def raw_model(self) -> nn.Module: ...
+
+        @property
+        def log_train(self) -> dict[str, list[Any]]: ...
+
+        @property
+        def log_test(self) -> dict[str, list[Any]]: ...
+
+        @staticmethod
+        def _check_mode(mode: str) -> str: ...
+
+    def _to_device(self, *args: Any, **kwargs: Any) -> Any:
         """Move arguments to the trainer's device (one → it, several → tuple, keywords → dict)."""
         if kwargs and not args:
             return {k: move_to_device(v, self.device, self.non_blocking) for k, v in kwargs.items()}
@@ -43,19 +73,19 @@ class ZaeEngineCompat:
             return arg.detach().cpu() if isinstance(arg, torch.Tensor) else arg
         return tuple(self._to_cpu(a) for a in args)
 
-    def _check_batch_size(self: "Trainer") -> None:
+    def _check_batch_size(self) -> None:
         self.batch_size = getattr(self.loader, "batch_size", None) if self.loader is not None else 0
         self.valid_batch_size = (
             getattr(self.valid_loader, "batch_size", None) if self.valid_loader is not None else 0
         )
 
-    def toggle(self: "Trainer", mode: str | None = None) -> None:
+    def toggle(self, mode: str | None = None) -> None:
         """Switch between ``"train"`` and ``"test"``, or to ``mode`` when given."""
         if mode is None:
             mode = "test" if self.mode == "train" else "train"
         self.mode = self._check_mode(mode)
 
-    def check_better(self: "Trainer", cur_epoch: int, cur_loss: float) -> bool:
+    def check_better(self, cur_epoch: int, cur_loss: float) -> bool:
         """Keep a copy of the weights if ``cur_loss`` beats the best so far.
 
         Unlike zae-engine, the buffer holds a CPU copy, so the "best" weights do not follow
@@ -72,18 +102,18 @@ class ZaeEngineCompat:
         self.loss_buffer = cur_loss
         return True
 
-    def log_reset(self: "Trainer") -> None:
+    def log_reset(self) -> None:
         """Clear the per-epoch logs (``log_train``, ``log_test``)."""
         for acc in self._accumulators.values():
             acc.reset()
 
-    def get_loss_history(self: "Trainer", mode: str = "train") -> list[float]:
+    def get_loss_history(self, mode: str = "train") -> list[float]:
         """Every step's loss over the whole run, for ``"train"`` or ``"test"`` (validation)."""
         if mode not in ("train", "test"):
             raise ValueError(f"mode must be 'train' or 'test', got {mode!r}")
         return self.loss_history_train if mode == "train" else self.loss_history_test
 
-    def print_log(self: "Trainer", cur_batch: int, num_batch: int) -> tuple[str, dict[str, Any]]:
+    def print_log(self, cur_batch: int, num_batch: int) -> tuple[str, dict[str, Any]]:
         """zae-engine's one-line batch report: ``(text, print kwargs)``. Reads flushed values only."""
         log = self.log_train if self.mode == "train" else self.log_test
         lr = self.optimizer.param_groups[0]["lr"] if self.optimizer is not None else 0.0
@@ -96,11 +126,11 @@ class ZaeEngineCompat:
         text += f"\tLR: {lr:.3e}"
         return text, {"end": "\n" if is_end else "", "file": None if is_end else sys.stderr}
 
-    def save_model(self: "Trainer", filename: str | os.PathLike[str]) -> None:
+    def save_model(self, filename: str | os.PathLike[str]) -> None:
         """Write the (unwrapped) model's ``state_dict`` to ``filename`` with ``torch.save``."""
         torch.save(self.raw_model.state_dict(), filename)
 
-    def apply_weights(self: "Trainer", filename: str | os.PathLike[str] | None = None, strict: bool = True) -> None:
+    def apply_weights(self, filename: str | os.PathLike[str] | None = None, strict: bool = True) -> None:
         """Load weights into the model: from ``filename``, or the best in-memory copy if ``None``.
 
         Raises ``FileNotFoundError`` / ``RuntimeError`` instead of printing and carrying on

@@ -284,8 +284,8 @@ def build_trainer_class(base: type, addons: Iterable[Any]) -> type:
             )
         built = applied
     if legacy:
-        built.addons = (*built.addons, *legacy)
-        built._zt_recipe = (base, tuple(_picklable(a) for a in raw))
+        setattr(built, "addons", (*getattr(built, "addons"), *legacy))
+        setattr(built, "_zt_recipe", (base, tuple(_picklable(a) for a in raw)))
     return built
 
 

@@ -1,0 +1,26 @@
+"""The overhead benchmark runs and prints its table (speed itself is measured, not asserted)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_overhead.py"
+
+
+@pytest.mark.slow
+def test_overhead_benchmark_prints_a_ratio_table(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--steps", "20", "--rounds", "1"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    rows = {line.split()[0] for line in lines[2:]}
+    assert {"raw", "zae_trainer"} <= rows
+    zae_row = next(line for line in lines if line.startswith("zae_trainer"))
+    assert zae_row.split()[2].endswith("x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # Lightning wrote no logs here
