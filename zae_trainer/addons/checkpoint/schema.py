@@ -1,0 +1,213 @@
+"""The checkpoint schema (format version 1): what a checkpoint holds and how it is applied.
+
+Top-level keys (both formats hold the same tree)::
+
+    format            "zae_trainer.checkpoint"
+    format_version    1
+    model             the unwrapped model's state_dict (no "module." prefixes)
+    model_config      optional plain dict describing the model (model_config= setting,
+                      else the model's own ``config`` mapping / ``to_dict()``), or None
+    optimizer         optimizer.state_dict() or None
+    scheduler         scheduler.state_dict() or None
+    progress          ProgressChecker counters: step, batches, epoch, samples, batch_in_epoch, ...
+    history           per-epoch metrics, one dict per finished epoch
+    loss_history      {"train": [...], "test": [...]}: per-step losses read so far
+    best              {"metric", "value", "epoch"}: the best monitored value so far
+    addons            {add-on name: its state_dict()}  (the GradScaler lives in the
+                      precision add-on's entry)
+    rng               python / numpy / torch CPU / every CUDA device (see rng.py)
+    data_position     batch_in_epoch, the epoch-start RNG and loader-generator states,
+                      the loaders' generator states now, a stateful loader's own state
+    config            the run's config and hyperparameters (Trainer(config=...))
+    trainer_settings  monitor, monitor_mode, accumulate_grad_batches, gradient_clip, ...
+    training_info     epochs_run, global_step, best_loss, best_epoch, monitor
+    versions          zae_trainer, torch, python, numpy, safetensors
+    saved_at          {"unix": seconds, "iso": ISO-8601 UTC}
+    reasons           why it was written: "best", "last", "step", "epoch", "interrupt", ...
+
+:func:`as_snapshot` gives the seed systems' snapshot layout (model state + model config,
+training info, optimizer and scheduler state, global config) from any checkpoint.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+import time
+import warnings
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .data_position import ResumePlan
+from .errors import CheckpointError, CheckpointMismatchError
+from .formats import SCHEMA_NAME
+from .rng import capture_rng, restore_rng
+from .tree import to_plain
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ...trainer import Trainer
+
+__all__ = ["FORMAT_VERSION", "SCHEMA_NAME", "build_checkpoint", "apply_checkpoint", "as_snapshot", "model_config_of"]
+
+FORMAT_VERSION = 1
+_SHOWN = 10
+
+
+def versions() -> dict[str, str]:
+    from ... import __version__
+
+    found = {"zae_trainer": __version__, "torch": torch.__version__, "python": platform.python_version()}
+    for name in ("numpy", "safetensors"):
+        try:
+            found[name] = __import__(name).__version__
+        except Exception:  # optional packages: record what is there
+            continue
+    return found
+
+
+def model_config_of(model: torch.nn.Module, given: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The model's configuration: the ``model_config=`` setting, else ``model.config`` if plain."""
+    if given is not None:
+        return dict(given)
+    config = getattr(model, "config", None)
+    if isinstance(config, Mapping):
+        return dict(config)
+    to_dict = getattr(config, "to_dict", None)
+    return dict(to_dict()) if callable(to_dict) else None
+
+
+def build_checkpoint(
+    trainer: "Trainer",
+    *,
+    reasons: list[str],
+    data_position: dict[str, Any],
+    model_config: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """Everything needed to continue the run exactly, as tensors and plain values."""
+    state = trainer.state_dict()
+    pc = trainer.progress_checker
+    now = time.time()
+    best = state.get("best") or {}
+    checkpoint: dict[str, Any] = {
+        "format": SCHEMA_NAME,
+        "format_version": FORMAT_VERSION,
+        **state,
+        "model_config": model_config_of(trainer.raw_model, model_config),
+        "rng": capture_rng(),
+        "data_position": data_position,
+        "config": dict(trainer.config),
+        "trainer_settings": {
+            "monitor": trainer.monitor_name(),
+            "monitor_mode": trainer.monitor_mode,
+            "accumulate_grad_batches": trainer.accumulate_grad_batches,
+            "gradient_clip": trainer.gradient_clip,
+            "log_every_n_steps": trainer.log_every_n_steps,
+            "world_size": trainer.world_size,
+        },
+        "training_info": {
+            "epochs_run": pc.epoch,
+            "global_step": pc.step,
+            "best_loss": best.get("value"),
+            "best_epoch": best.get("epoch"),
+            "monitor": best.get("metric") or trainer.monitor_name(),
+        },
+        "versions": versions(),
+        "saved_at": {"unix": now, "iso": _dt.datetime.fromtimestamp(now, _dt.timezone.utc).isoformat()},
+        "reasons": list(reasons),
+    }
+    from ...events import Event
+
+    trainer.emit(Event.CHECKPOINT_SAVE, checkpoint)  # add-ons may add keys of their own
+    model = checkpoint.pop("model")
+    plain = to_plain(checkpoint)
+    plain["model"] = model
+    return plain
+
+
+def _model_mismatch(own: Mapping[str, torch.Tensor], saved: Mapping[str, Any]) -> tuple[list[str], list[str], list[str]]:
+    missing = [k for k in own if k not in saved]
+    unexpected = [k for k in saved if k not in own]
+    reshaped = [
+        f"{k}: checkpoint {tuple(saved[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in saved and isinstance(saved[k], torch.Tensor) and tuple(saved[k].shape) != tuple(own[k].shape)
+    ]
+    return missing, unexpected, reshaped
+
+
+def _listing(label: str, keys: list[str]) -> str:
+    more = f" ... and {len(keys) - _SHOWN} more" if len(keys) > _SHOWN else ""
+    return f"{label} ({len(keys)}): {', '.join(keys[:_SHOWN])}{more}"
+
+
+def check_model_fits(model: torch.nn.Module, weights: Mapping[str, Any], source: str, strict: bool) -> dict[str, Any]:
+    """The weights that can be loaded; raise (strict) or warn (not strict) about the rest."""
+    own = model.state_dict()
+    missing, unexpected, reshaped = _model_mismatch(own, weights)
+    if not (missing or unexpected or reshaped):
+        return dict(weights)
+    parts = [_listing(lbl, keys) for lbl, keys in
+             (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", reshaped)) if keys]
+    detail = "; ".join(parts)
+    if strict:
+        raise CheckpointMismatchError(
+            f"{source!r} was saved from a different model: {detail}. To fix, build the same model "
+            "architecture, or pass strict=False to load only the matching weights.",
+            source,
+        )
+    warnings.warn(f"loading {source!r} with strict=False skips {detail}", RuntimeWarning, stacklevel=3)
+    bad = {r.split(":", 1)[0] for r in reshaped}
+    return {k: v for k, v in weights.items() if k in own and k not in bad}
+
+
+def apply_checkpoint(trainer: "Trainer", checkpoint: dict[str, Any], source: str, strict: bool = True) -> ResumePlan:
+    """Restore the trainer (and the global RNGs) from ``checkpoint``; return its data position."""
+    version = checkpoint.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{source!r} has checkpoint format version {version!r}; this zae_trainer reads versions up to "
+            f"{FORMAT_VERSION}. To fix, upgrade zae_trainer.",
+            source,
+        )
+    weights = check_model_fits(trainer.raw_model, checkpoint["model"], source, strict)
+    try:
+        trainer.load_state_dict({**checkpoint, "model": weights}, strict=strict)
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise CheckpointMismatchError(
+            f"could not restore {source!r}: {type(exc).__name__}: {exc}. The optimizer, scheduler or add-ons "
+            "differ from the run that saved it; to load the weights alone use trainer.apply_weights(path).",
+            source,
+        ) from exc
+    restore_rng(checkpoint["rng"])
+    from ...events import Event
+
+    trainer.emit(Event.CHECKPOINT_LOAD, checkpoint)
+    position = checkpoint.get("data_position") or {}
+    return ResumePlan(
+        batch_in_epoch=int(checkpoint["progress"].get("batch_in_epoch", 0)),
+        epoch_start=position.get("epoch_start"),
+        generators=dict(position.get("generators") or {}),
+        loader_state=position.get("loader_state"),
+    )
+
+
+def as_snapshot(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+    """The seed systems' snapshot layout, read from a checkpoint.
+
+    Returns ``{"model_state", "model_config", "training_info": {"epoch", "epochs_run",
+    "global_step", "best_loss", "best_epoch", "monitor"}, "optimizer_state",
+    "scheduler_state", "global_config"}``.
+    """
+    info = dict(checkpoint.get("training_info") or {})
+    info.setdefault("epochs_run", checkpoint["progress"]["epoch"])
+    info["epoch"] = info["epochs_run"]
+    return {
+        "model_state": checkpoint["model"],
+        "model_config": checkpoint.get("model_config"),
+        "training_info": info,
+        "optimizer_state": checkpoint.get("optimizer"),
+        "scheduler_state": checkpoint.get("scheduler"),
+        "global_config": checkpoint.get("config", {}),
+    }
