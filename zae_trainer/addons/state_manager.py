@@ -117,7 +117,7 @@ class StateManagerAddon(AddOn):
 
     order = -100  # first on RUN_BEGIN (restore before others read state), last on *_END (after
     # early stopping and schedulers updated the state it records)
-    exports = ("save_state", "load_state", "save_model", "apply_weights", "export_weights")
+    exports = ("save_state", "load_state", "save_model", "apply_weights", "export_weights", "wait_for_checkpoint")
     trainer_mixin = _ResumeDataPosition
 
     def __init__(
@@ -318,6 +318,10 @@ class StateManagerAddon(AddOn):
         fitting = check_model_fits(trainer.raw_model, weights, source, strict)
         trainer.raw_model.load_state_dict(fitting, strict=strict)
 
+    def wait_for_checkpoint(self) -> None:
+        """Block until a background (``async_save``) write is on disk; raise its error if it failed."""
+        self._writer.wait()
+
     # ==================================================================================
     # For the strategy mixin
     # ==================================================================================
@@ -353,20 +357,25 @@ class StateManagerAddon(AddOn):
         path = os.path.join(self.save_path, entry.name)
         self._last_step_saved = pc.step
 
-        def write() -> None:
+        def publish() -> list[str]:
             write_checkpoint(path, checkpoint, self.save_format)
             entry.size = os.path.getsize(path) if os.path.isfile(path) else None
             manifest.add(entry)
             dropped = manifest.retain(self.keep_last, self.keep_top_k)
             manifest.write()
-            for old in dropped:  # only after no manifest names them
-                _remove(os.path.join(self.save_path, old.name))
+            return [os.path.join(self.save_path, old.name) for old in dropped]
+
+        def delete(paths: list[str]) -> None:  # only once no manifest names them
+            for old in paths:
+                _remove(old)
 
         if self.async_save and not wait_for_write:
-            checkpoint = detached_copy(checkpoint)
-            self._writer.submit(path, write)
-        else:
-            write()
+            checkpoint = detached_copy(checkpoint, self._writer.pool)
+            self._writer.submit(path, lambda: delete(publish()))
+            return path
+        dropped = publish()
+        if dropped:  # deleting a large file can take longer than writing one: not on the loop's time
+            self._writer.submit(f"deletion of {dropped}", lambda: delete(dropped))
         return path
 
     def _data_position(self) -> dict[str, Any]:

@@ -22,6 +22,7 @@ __all__ = [
     "TEMP_MARK",
     "is_temp_name",
     "write_file_atomic",
+    "write_path_atomic",
     "publish_dir_atomic",
     "remove_stale_temps",
     "fsync_dir",
@@ -106,6 +107,48 @@ def _explain(exc: BaseException, target: str, recorded: OSError | None) -> Check
         "checkpoints are untouched.",
         target,
     )
+
+
+def write_path_atomic(final: str, write: Callable[[str], None]) -> int:
+    """Like :func:`write_file_atomic` for writers that take a path (``torch.save``'s fast C++ writer).
+
+    Such writers report a failed write without its ``errno``; :func:`_diagnose` finds the
+    cause (file-size limit, full disk) from the temporary file before it is removed.
+    """
+    tmp = _temp_name(final)
+    try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        size = os.path.getsize(tmp)
+        os.replace(tmp, final)
+    except BaseException as exc:
+        cause = _diagnose(tmp) if isinstance(exc, Exception) else None
+        _remove_quietly(tmp)
+        if isinstance(exc, Exception):
+            raise _explain(exc, final, cause) from exc
+        raise
+    fsync_dir(os.path.dirname(os.path.abspath(final)))
+    return size
+
+
+def _diagnose(tmp: str) -> OSError | None:
+    """Why a write into ``tmp`` failed, when the writer did not say: EFBIG or ENOSPC, else None."""
+    import resource
+
+    try:
+        size = os.path.getsize(tmp)
+    except OSError:
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if soft != resource.RLIM_INFINITY and size >= soft - (1 << 16):
+        return OSError(errno.EFBIG, os.strerror(errno.EFBIG))
+    if shutil.disk_usage(os.path.dirname(os.path.abspath(tmp))).free < (1 << 20):
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return None
 
 
 def write_file_atomic(final: str, write: Callable[[RecordingFile], None]) -> int:

@@ -22,7 +22,7 @@ from typing import Any, Mapping
 
 import torch
 
-from .atomic import publish_dir_atomic, write_file_atomic
+from .atomic import publish_dir_atomic, write_file_atomic, write_path_atomic
 from .errors import CheckpointCorruptError, CheckpointNotFoundError, CheckpointUnsafeError
 from .safetensors_io import read_tensors, write_tensors
 from .tree import join, split
@@ -77,7 +77,7 @@ def _missing(path: str, what: str = "checkpoint") -> CheckpointNotFoundError:
 def write_checkpoint(path: str, checkpoint: Mapping[str, Any], fmt: str) -> None:
     """Write ``checkpoint`` to ``path`` (a file for ckpt, a folder for safetensors), atomically."""
     if fmt == "ckpt":
-        write_file_atomic(path, lambda f: torch.save(dict(checkpoint), f))  # type: ignore[arg-type]
+        write_path_atomic(path, lambda tmp: torch.save(dict(checkpoint), tmp))
         return
     buckets: dict[str, dict[str, torch.Tensor]] = {MODEL_FILE: {}, OPTIMIZER_FILE: {}, STATE_FILE: {}}
     model = checkpoint.get("model") or {}
@@ -121,6 +121,12 @@ def _torch_load(path: str) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        if "global" not in str(exc).lower():  # not a planted object: garbage the unpickler cannot parse
+            raise CheckpointCorruptError(
+                f"{path!r} is not a readable checkpoint ({_unsafe_detail(exc)}); it is not a torch.save file or "
+                "is damaged.",
+                path,
+            ) from exc
         raise CheckpointUnsafeError(
             f"refused to load {path!r}: it contains Python objects that safe loading (weights_only=True) does "
             f"not allow, so unpickling it could run arbitrary code. It was not executed. Detail: "
@@ -198,7 +204,7 @@ def write_weights(path: str, state_dict: Mapping[str, torch.Tensor], fmt: str, m
     if fmt == "safetensors":
         write_file_atomic(path, lambda f: write_tensors(f, state_dict, metadata))
     else:
-        write_file_atomic(path, lambda f: torch.save(dict(state_dict), f))  # type: ignore[arg-type]
+        write_path_atomic(path, lambda tmp: torch.save(dict(state_dict), tmp))
 
 
 def read_weights(path: str) -> dict[str, torch.Tensor]:
