@@ -109,7 +109,7 @@ def _explain(exc: BaseException, target: str, recorded: OSError | None) -> Check
     )
 
 
-def write_path_atomic(final: str, write: Callable[[str], None]) -> int:
+def write_path_atomic(final: str, write: Callable[[str], object]) -> int:
     """Like :func:`write_file_atomic` for writers that take a path (``torch.save``'s fast C++ writer).
 
     Such writers report a failed write without its ``errno``; :func:`_diagnose` finds the
@@ -151,7 +151,7 @@ def _diagnose(tmp: str) -> OSError | None:
     return None
 
 
-def write_file_atomic(final: str, write: Callable[[RecordingFile], None]) -> int:
+def write_file_atomic(final: str, write: Callable[[RecordingFile], object]) -> int:
     """Write ``final`` through ``write(file)`` atomically; returns the number of bytes written.
 
     Raises

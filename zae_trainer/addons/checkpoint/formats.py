@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pickle
@@ -93,7 +94,7 @@ def write_checkpoint(path: str, checkpoint: Mapping[str, Any], fmt: str) -> None
     def fill(folder: str) -> None:
         for name, tensors in buckets.items():
             if tensors or name == MODEL_FILE:
-                write_file_atomic(os.path.join(folder, name), lambda f, t=tensors: write_tensors(f, t))
+                write_file_atomic(os.path.join(folder, name), functools.partial(write_tensors, tensors=tensors))
         text = json.dumps(tree, indent=1, allow_nan=False).encode("utf-8")
         write_file_atomic(os.path.join(folder, JSON_FILE), lambda f: f.write(text))
 

@@ -30,10 +30,10 @@ def capture_rng() -> dict[str, Any]:
     except ImportError:  # pragma: no cover - numpy ships with torch wheels
         state["numpy"] = None
     else:
-        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
         state["numpy"] = {
             "kind": str(kind),
-            "keys": torch.from_numpy(keys.astype("int64")),
+            "keys": torch.from_numpy(np.asarray(keys).astype("int64")),
             "pos": int(pos),
             "has_gauss": int(has_gauss),
             "cached_gaussian": float(cached),
