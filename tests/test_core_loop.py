@@ -429,3 +429,30 @@ def test_interactive_stream_gets_tqdm_bars_with_loss_and_lr_in_the_postfix() -> 
     display.close(RunSummary(epochs=1, steps=4, status="finished"))
     text = "".join(stream.chunks)
     assert "\r" in text and "run finished: 1 epoch(s), 4 step(s)" in text
+
+
+def test_a_run_resumed_mid_epoch_reports_the_same_epoch_means() -> None:
+    stop_at = 3
+
+    class StopMidEpoch(TinyTrainer):
+        def train_step(self, batch: Any) -> dict[str, Any]:
+            if self.progress_checker.step == stop_at and not getattr(self, "resumed", False):
+                raise RuntimeError("simulated crash")
+            return super().train_step(batch)
+
+    reference = tiny_trainer(log_every_n_steps=2)
+    reference.run(1, tiny_loader(48, 8))
+
+    crashed = tiny_trainer(StopMidEpoch, log_every_n_steps=2)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        crashed.run(1, tiny_loader(48, 8))
+    state = crashed.state_dict()  # 3 steps done: 2 flushed, 1 pending
+    assert state["metrics"]["train"]["pending_steps"] == [3]
+
+    resumed = tiny_trainer(StopMidEpoch, log_every_n_steps=2)
+    resumed.resumed = True
+    resumed.load_state_dict(state)
+    resumed.run(1, tiny_loader(48, 8))
+    assert resumed.progress_checker.step == 6
+    assert resumed.epoch_metrics["train/loss"] == pytest.approx(reference.epoch_metrics["train/loss"], rel=1e-12)
+    assert resumed.get_loss_history() == pytest.approx(reference.get_loss_history(), rel=1e-12)

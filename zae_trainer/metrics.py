@@ -100,6 +100,35 @@ class MetricAccumulator:
         """Per metric: (batch-size-weighted sum, total weight) for this epoch so far."""
         return {k: (self._sums[k], self._weights[k]) for k in self._sums}
 
+    def state_dict(self) -> dict[str, Any]:
+        """This epoch's sums, per-step history and not-yet-flushed values, as plain floats.
+
+        Checkpoints carry it so that a run resumed mid-epoch reports the same epoch means as
+        one that never stopped. Pending values are read (one transfer per metric) but not
+        folded in, so the accumulator itself is unchanged. Model outputs are not saved.
+        """
+        return {
+            "sums": dict(self._sums),
+            "weights": dict(self._weights),
+            "history": {k: list(v) for k, v in self.history.items()},
+            "pending": {k: _to_floats(v) for k, v in self._pending.items() if v},
+            "pending_sizes": {k: list(v) for k, v in self._pending_sizes.items() if v},
+            "pending_steps": list(self._pending_steps),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (replacing the current contents)."""
+        self.reset()
+        self._sums.update({k: float(v) for k, v in state.get("sums", {}).items()})
+        self._weights.update({k: float(v) for k, v in state.get("weights", {}).items()})
+        for key, values in state.get("history", {}).items():
+            self.history[key] = [float(v) for v in values]
+        for key, values in state.get("pending", {}).items():
+            self._pending[key] = [float(v) for v in values]
+        for key, sizes in state.get("pending_sizes", {}).items():
+            self._pending_sizes[key] = [int(n) for n in sizes]
+        self._pending_steps.extend(int(s) for s in state.get("pending_steps", []))
+
     def reset(self) -> None:
         """Forget everything: called when an epoch begins."""
         self.history.clear()

@@ -676,6 +676,7 @@ class Trainer(ZaeEngineCompat, metaclass=TrainerMeta):
             "history": [dict(h) for h in self.history],
             "best": dict(self.best),
             "loss_history": {"train": list(self.loss_history_train), "test": list(self.loss_history_test)},
+            "metrics": {phase: acc.state_dict() for phase, acc in self._accumulators.items()},
             "addons": {a.name: a.state_dict() for a in self._zt_addons if a.is_stateful()},
         }
 
@@ -695,6 +696,8 @@ class Trainer(ZaeEngineCompat, metaclass=TrainerMeta):
         losses = state.get("loss_history", {})
         self.loss_history_train = list(losses.get("train", []))
         self.loss_history_test = list(losses.get("test", []))
+        for phase, acc_state in state.get("metrics", {}).items():
+            self._accumulators[phase].load_state_dict(acc_state)
         saved = state.get("addons", {})
         for addon in self._zt_addons:
             if addon.name in saved:
