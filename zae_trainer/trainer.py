@@ -181,6 +181,7 @@ class Trainer(ZaeEngineCompat, metaclass=TrainerMeta):
         self._display = ProgressDisplay(False)
         self._validating = False
         self._epoch_batches: int | None = None
+        self._step_kwargs: dict[str, Any] = {}  # run()'s extra keywords, for scheduler.step
         self._target_epoch = 0
         self._started = time.perf_counter()
 
@@ -198,6 +199,12 @@ class Trainer(ZaeEngineCompat, metaclass=TrainerMeta):
         # autocast context when no strategy overrides it.
         self._emit_hot: Callable[..., None] = self.emit if self._zt_bound else _ignore_event
         self._plain_autocast = type(self).autocast is Trainer.autocast
+        cls = type(self)
+        self._plain_steps = (
+            cls.backward is Trainer.backward
+            and cls.optimizer_step is Trainer.optimizer_step
+            and cls.zero_grad is Trainer.zero_grad
+        )
         self._plain_run_batch = type(self).run_batch is Trainer.run_batch
         self._train_acc = self._accumulators["train"]
         for addon in self._zt_addons:
@@ -399,14 +406,21 @@ class Trainer(ZaeEngineCompat, metaclass=TrainerMeta):
         if training:
             self._epoch_batches = total
             batches = self.skip_consumed_batches(loader, pc.batch_in_epoch)
-        handle = self._train_batch if training and self._plain_run_batch else self.run_batch
+        self._step_kwargs = kwargs
+        plain = training and self._plain_run_batch and not kwargs
+        tick = self._display.batch_done if self._display.interactive else None
         for batch in batches:
-            handle(batch, **kwargs)
-            self._display.batch_done()
-            if self._pending_signal is not None:
-                self._interrupt()
-            if training and self.stop_reason is not None:
-                break
+            if plain:
+                self._train_batch(batch)
+            else:
+                self.run_batch(batch, **kwargs)
+            if tick is not None:
+                tick()
+            if self._pending_signal is not None or self.stop_reason is not None:
+                if self._pending_signal is not None:
+                    self._interrupt()
+                if training:
+                    break
         if training:
             self._step_trailing_group(**kwargs)
         acc = self._accumulators[phase]
@@ -455,7 +469,7 @@ class Trainer(ZaeEngineCompat, metaclass=TrainerMeta):
         pc.samples += size
         self._train_acc.add(outputs, size, pc.step + 1)
         if closes_group:
-            self._optimizer_phase(**kwargs)
+            self._optimizer_phase(**(kwargs or self._step_kwargs))
         emit(Event.TRAIN_BATCH_END)
         if closes_group and pc.step % self.log_every_n_steps == 0:
             self._flush(self._train_acc)
@@ -470,7 +484,12 @@ class Trainer(ZaeEngineCompat, metaclass=TrainerMeta):
         loss = _check_train_outputs(outputs, self.progress_checker.step + 1)
         emit(Event.BEFORE_BACKWARD)
         group = self.accumulate_grad_batches
-        self.backward(loss / group if group > 1 else loss)
+        if group > 1:
+            loss = loss / group
+        if self._plain_steps:
+            loss.backward()
+        else:
+            self.backward(loss)
         emit(Event.AFTER_BACKWARD)
         return outputs
 
@@ -481,7 +500,10 @@ class Trainer(ZaeEngineCompat, metaclass=TrainerMeta):
             emit(Event.BEFORE_OPTIMIZER_STEP)
             if self.gradient_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.gradient_clip)
-            self.optimizer_step()
+            if self._plain_steps:
+                self.optimizer.step()  # type: ignore[union-attr]
+            else:
+                self.optimizer_step()
             stepped = True
         except SkipStep:
             pc.skipped_steps += 1
@@ -491,7 +513,10 @@ class Trainer(ZaeEngineCompat, metaclass=TrainerMeta):
             emit(Event.AFTER_OPTIMIZER_STEP)
             if self.scheduler is not None and self.scheduler_step_on_batch:
                 self.scheduler.step(**kwargs)
-        self.zero_grad()
+        if self._plain_steps:
+            self.optimizer.zero_grad(set_to_none=True)  # type: ignore[union-attr]
+        else:
+            self.zero_grad()
 
     def _step_trailing_group(self, **kwargs: Any) -> None:
         """An epoch whose length is unknown (iterable loader) may end inside a group."""

@@ -64,7 +64,12 @@ def move_to_device(obj: Any, device: torch.device, non_blocking: bool = True) ->
             return obj
         return obj.to(device, non_blocking=non_blocking and obj.is_pinned())
     if type(obj) is tuple:  # the common (inputs, targets) batch, kept cheap
-        return tuple([move_to_device(v, device, non_blocking) for v in obj])
+        return tuple(
+            [
+                v if type(v) is torch.Tensor and v.device == device else move_to_device(v, device, non_blocking)
+                for v in obj
+            ]
+        )
     if isinstance(obj, dict):
         moved_items = {k: move_to_device(v, device, non_blocking) for k, v in obj.items()}
         if type(obj) is dict:
