@@ -69,6 +69,11 @@ class MetricAccumulator:
                 self._pending[key].append(float(value))
                 self._pending_sizes[key].append(batch_size)
 
+    def add_value(self, key: str, value: Any, weight: int = 1) -> None:
+        """Record one extra value (a grad norm, say) outside a step's outputs; no sync either."""
+        self._pending[key].append(value.detach() if isinstance(value, torch.Tensor) else float(value))
+        self._pending_sizes[key].append(weight)
+
     @property
     def has_pending(self) -> bool:
         return bool(self._pending_steps)

@@ -248,6 +248,17 @@ class Trainer(ZaeEngineCompat, metaclass=TrainerMeta):
         """
         return build_trainer_class(cls, addons)
 
+    @classmethod
+    def from_config(cls, config: Any) -> "Trainer":
+        """Build a trainer from a dict or a YAML file (see :mod:`zae_trainer.config`).
+
+        Called on ``Trainer`` itself it builds a :class:`~zae_trainer.SupervisedTrainer`; called
+        on a concrete subclass it builds that subclass.
+        """
+        from .config import build_trainer
+
+        return build_trainer(config, cls)
+
     def get_addon(self, addon: str | type) -> AddOn:
         """This trainer's instance of an add-on, by name or class."""
         for obj in self._zt_addons:
@@ -537,6 +548,16 @@ class Trainer(ZaeEngineCompat, metaclass=TrainerMeta):
     def logging(self, step_dict: Mapping[str, Any]) -> None:
         """Record a step's outputs for the current phase (no device synchronisation)."""
         self._accumulators[self._phase()].add(step_dict, _batch_size(step_dict), self.progress_checker.step)
+
+    def record_metric(self, name: str, value: torch.Tensor | float, weight: int = 1) -> None:
+        """Add a value to the current phase's metrics, as if a step had returned it.
+
+        For add-ons that measure something per step (a gradient norm, say): ``value`` may be
+        a device tensor, kept as it is until the next log point, so this never synchronises.
+        It is logged as ``<phase>/<name>`` and averaged into the epoch metrics, weighted by
+        ``weight`` (1: a plain mean over the recorded values).
+        """
+        self._accumulators[self._phase()].add_value(name, value, weight)
 
     def _flush(self, acc: MetricAccumulator) -> None:
         flushed = acc.flush()
