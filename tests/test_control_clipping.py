@@ -1,0 +1,170 @@
+"""GradientClippingAddon: hand-computed clipping, the recorded norm, and the unscale-then-clip order."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from zae_trainer import TrainerConfigError
+from zae_trainer.addons.clipping import GradientClippingAddon
+from zae_trainer.addons.precision import PrecisionMixerAddon
+from zae_trainer.testing import TinyRegressionTrainer, check_addon, tiny_loader, tiny_trainer
+
+LR = 0.05
+
+
+def _one_batch() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [next(iter(tiny_loader(8)))]
+
+
+def _hand_grads(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[nn.Linear, list[torch.Tensor]]:
+    torch.manual_seed(0)  # tiny_trainer's model
+    model = nn.Linear(3, 1)
+    x, y = batch
+    nn.functional.mse_loss(model(x), y).backward()
+    return model, [p.grad.clone() for p in model.parameters()]  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, "inf"])
+def test_clipping_by_norm_matches_a_hand_computation(norm_type: Any) -> None:
+    batch = _one_batch()
+    model, grads = _hand_grads(batch[0])
+    p = math.inf if norm_type == "inf" else norm_type
+    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, p) for g in grads]), p)
+    max_norm = 0.1
+    assert total > max_norm  # the case under test clips
+    scale = max_norm / (total + 1e-6)
+    expected = [w.detach() - LR * g * scale for w, g in zip(model.parameters(), grads)]
+
+    trainer = tiny_trainer(
+        TinyRegressionTrainer.add_on(GradientClippingAddon(max_norm=max_norm, norm_type=norm_type)), lr=LR
+    )
+    trainer.run(1, batch)
+    for got, want in zip(trainer.model.parameters(), expected):
+        torch.testing.assert_close(got.detach(), want, rtol=1e-6, atol=1e-7)
+    assert trainer.epoch_metrics["train/grad_norm"] == pytest.approx(float(total), rel=1e-6)
+
+
+def test_clipping_by_value_matches_a_hand_computation() -> None:
+    batch = _one_batch()
+    model, grads = _hand_grads(batch[0])
+    clip = 0.05
+    assert any(g.abs().max() > clip for g in grads)
+    expected = [w.detach() - LR * g.clamp(-clip, clip) for w, g in zip(model.parameters(), grads)]
+    trainer = tiny_trainer(TinyRegressionTrainer.add_on(GradientClippingAddon(clip_value=clip)), lr=LR)
+    trainer.run(1, batch)
+    for got, want in zip(trainer.model.parameters(), expected):
+        torch.testing.assert_close(got.detach(), want, rtol=1e-6, atol=1e-7)
+    total = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))
+    assert trainer.epoch_metrics["train/grad_norm"] == pytest.approx(float(total), rel=1e-6)
+
+
+def test_grad_norm_is_logged_per_interval_and_averaged_per_epoch() -> None:
+    trainer = tiny_trainer(TinyRegressionTrainer.add_on(GradientClippingAddon(max_norm=0.5)), log_every_n_steps=2)
+    trainer.run(1, tiny_loader(48))  # 6 steps
+    per_step = trainer.log_train["grad_norm"]
+    assert len(per_step) == 6 and all(v > 0 for v in per_step)
+    assert trainer.epoch_metrics["train/grad_norm"] == pytest.approx(sum(per_step) / 6)
+
+
+def test_error_if_nonfinite_is_passed_through() -> None:
+    class Exploding(TinyRegressionTrainer):
+        def train_step(self, batch: Any) -> dict[str, Any]:
+            out = super().train_step(batch)
+            return {"loss": out["loss"] * float("inf")}
+
+    quiet = tiny_trainer(Exploding.add_on(GradientClippingAddon(max_norm=1.0)), nonfinite_loss="ignore")
+    quiet.run(1, _one_batch())  # clip_grad_norm_'s default: no error
+    strict = tiny_trainer(
+        Exploding.add_on(GradientClippingAddon(max_norm=1.0, error_if_nonfinite=True)), nonfinite_loss="ignore"
+    )
+    with pytest.raises(Exception, match="non-finite"):
+        strict.run(1, _one_batch())
+
+
+def _spy_unscale_and_clip(monkeypatch: pytest.MonkeyPatch, trainer: Any) -> list[tuple[str, float]]:
+    """Record, in order, each GradScaler.unscale_ and each clip with the gradient norm it saw."""
+    calls: list[tuple[str, float]] = []
+    scaler = trainer.get_addon("precision_mixer").scaler
+    original_unscale = scaler.unscale_
+
+    def unscale(optimizer: Any) -> None:
+        calls.append(("unscale", math.nan))
+        original_unscale(optimizer)
+
+    scaler.unscale_ = unscale
+    original_clip = torch.nn.utils.clip_grad_norm_
+
+    def clip(parameters: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        params = list(parameters() if callable(parameters) else parameters)
+        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+        calls.append(("clip", float(norm)))
+        return original_clip(params, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    return calls
+
+
+def _true_grad_norm(batch: tuple[torch.Tensor, torch.Tensor]) -> float:
+    _, grads = _hand_grads(batch)
+    return float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
+
+
+@pytest.mark.parametrize("order", ["clip_first", "precision_first"])
+def test_fp16_unscales_exactly_once_and_before_the_clip(monkeypatch: pytest.MonkeyPatch, order: str) -> None:
+    addons = [PrecisionMixerAddon(precision="fp16", init_scale=1024.0), GradientClippingAddon(max_norm=0.1)]
+    if order == "clip_first":
+        addons.reverse()
+    trainer = tiny_trainer(TinyRegressionTrainer.add_on(*addons), lr=LR)
+    calls = _spy_unscale_and_clip(monkeypatch, trainer)
+    batch = _one_batch()
+    trainer.run(1, batch)
+    assert [c[0] for c in calls] == ["unscale", "clip"]
+    # The clip saw true gradients (the fp16 forward rounds a little), not gradients x 65536.
+    assert calls[1][1] == pytest.approx(_true_grad_norm(batch[0]), rel=2e-2)
+    assert trainer.epoch_metrics["train/grad_norm"] == pytest.approx(calls[1][1], rel=1e-5)
+
+
+def test_core_gradient_clip_also_sees_unscaled_fp16_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
+    trainer = tiny_trainer(
+        TinyRegressionTrainer.add_on(PrecisionMixerAddon(precision="fp16", init_scale=1024.0)), lr=LR, gradient_clip=0.1
+    )
+    calls = _spy_unscale_and_clip(monkeypatch, trainer)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    batch = _one_batch()
+    trainer.run(1, batch)
+    assert [c[0] for c in calls] == ["unscale", "clip"]
+    assert calls[1][1] == pytest.approx(_true_grad_norm(batch[0]), rel=2e-2)
+    # SGD moved the parameters by lr x (gradients clipped to norm 0.1): unscaled once, clipped once.
+    step = torch.linalg.vector_norm(torch.cat([(a - b.detach()).reshape(-1) for a, b in zip(before, trainer.model.parameters())]))
+    assert float(step) / LR == pytest.approx(0.1, rel=1e-3)
+
+
+def test_settings_are_checked_when_configured() -> None:
+    with pytest.raises(ValueError, match="exactly one of max_norm"):
+        GradientClippingAddon()
+    with pytest.raises(ValueError, match="exactly one of max_norm"):
+        GradientClippingAddon(max_norm=1.0, clip_value=1.0)
+    with pytest.raises(ValueError, match="max_norm must be a finite number"):
+        GradientClippingAddon(max_norm=-1.0)
+    with pytest.raises(ValueError, match="norm_type"):
+        GradientClippingAddon(max_norm=1.0, norm_type="two")
+
+
+def test_core_option_and_addon_together_are_refused() -> None:
+    with pytest.raises(TrainerConfigError, match="clip twice"):
+        tiny_trainer(TinyRegressionTrainer.add_on(GradientClippingAddon(max_norm=1.0)), gradient_clip=1.0)
+
+
+def test_configured_by_keyword_and_by_name() -> None:
+    trainer = tiny_trainer(TinyRegressionTrainer.add_on("gradient_clipping"), clip_value=0.3)
+    assert trainer.get_addon("gradient_clipping").clip_value == 0.3
+
+
+def test_conformance(tmp_path: Any) -> None:
+    report = check_addon(GradientClippingAddon, {"max_norm": 0.5}, workdir=tmp_path)
+    assert report["sync"] == 0 and report["state"] == ["ckpt", "safetensors"]

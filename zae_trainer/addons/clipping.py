@@ -1,0 +1,117 @@
+"""GradientClippingAddon: clip gradients by total norm or by value, before the optimizer step.
+
+It acts in ``BEFORE_OPTIMIZER_STEP``, after mixed precision has unscaled the gradients
+(``runs_after = ("precision_mixer",)``), so ``max_norm`` is in the units of the true
+gradients whatever the precision. The total norm before clipping is recorded with
+``trainer.record_metric`` as ``train/grad_norm``: it stays a device tensor until the next log
+point, so clipping adds no host-device synchronisation.
+
+The core's zae-engine keyword ``gradient_clip=x`` means the same as
+``GradientClippingAddon(max_norm=x)``; it also runs after the unscale (the core clips after
+``BEFORE_OPTIMIZER_STEP``). Use one or the other: setting both is an error.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from ..addon import AddOn
+from ..errors import TrainerConfigError
+
+__all__ = ["GradientClippingAddon"]
+
+
+class GradientClippingAddon(AddOn):
+    """Gradient clipping by total norm (``max_norm``) or by value (``clip_value``).
+
+    Parameters
+    ----------
+    max_norm : float or None
+        Scale all gradients down together so that their total ``norm_type``-norm is at most
+        this (``torch.nn.utils.clip_grad_norm_``).
+    clip_value : float or None
+        Clamp every gradient element to ``[-clip_value, clip_value]``
+        (``torch.nn.utils.clip_grad_value_``). Exactly one of ``max_norm`` / ``clip_value``.
+    norm_type : float or "inf"
+        The p of the p-norm (default 2); ``"inf"`` for the largest absolute element.
+    error_if_nonfinite : bool
+        Raise when the total norm is NaN/Inf (``clip_grad_norm_``'s option). This reads the
+        norm on the host, i.e. one synchronisation per step; off by default.
+    foreach : bool or None
+        Use the fused multi-tensor kernels (None: where PyTorch supports them).
+    record_norm : bool
+        Record the total norm before clipping as the metric ``grad_norm``. With
+        ``clip_value`` this costs one extra pass over the gradients.
+
+    Examples
+    --------
+    >>> MyTrainer.add_on(GradientClippingAddon(max_norm=1.0))  # doctest: +SKIP
+    >>> MyTrainer.add_on("gradient_clipping")(model, optimizer=opt, clip_value=0.5)  # doctest: +SKIP
+    """
+
+    name = "gradient_clipping"
+    runs_after = ("precision_mixer",)  # clip unscaled gradients
+
+    def __init__(
+        self,
+        *,
+        max_norm: float | None = None,
+        clip_value: float | None = None,
+        norm_type: float | str = 2.0,
+        error_if_nonfinite: bool = False,
+        foreach: bool | None = None,
+        record_norm: bool = True,
+    ) -> None:
+        if (max_norm is None) == (clip_value is None):
+            raise ValueError(
+                "give exactly one of max_norm (clip the total norm) or clip_value (clamp each element), got "
+                f"max_norm={max_norm!r}, clip_value={clip_value!r}. To fix, e.g. GradientClippingAddon(max_norm=1.0)."
+            )
+        for label, value in (("max_norm", max_norm), ("clip_value", clip_value)):
+            if value is not None and not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
+                raise ValueError(f"{label} must be a finite number > 0, got {value!r}")
+        self.max_norm = None if max_norm is None else float(max_norm)
+        self.clip_value = None if clip_value is None else float(clip_value)
+        self.norm_type = _norm_type(norm_type)
+        self.error_if_nonfinite = bool(error_if_nonfinite)
+        self.foreach = foreach
+        self.record_norm = bool(record_norm)
+
+    def setup(self, trainer: Any) -> None:
+        if trainer.gradient_clip > 0:
+            raise TrainerConfigError(
+                f"gradient_clip={trainer.gradient_clip} (the core's clipping) and GradientClippingAddon are both "
+                "set, which would clip twice. To fix, drop gradient_clip= or remove the add-on."
+            )
+
+    def on_before_optimizer_step(self, trainer: Any) -> None:
+        grads = [p for p in trainer.model.parameters() if p.grad is not None]
+        if not grads:
+            return
+        if self.max_norm is not None:
+            total = torch.nn.utils.clip_grad_norm_(
+                grads, self.max_norm, self.norm_type, self.error_if_nonfinite, self.foreach
+            )
+        else:
+            total = None
+            if self.record_norm or self.error_if_nonfinite:
+                total = torch.nn.utils.get_total_norm(
+                    [p.grad for p in grads], self.norm_type, self.error_if_nonfinite, self.foreach
+                )
+            assert self.clip_value is not None
+            torch.nn.utils.clip_grad_value_(grads, self.clip_value, self.foreach)
+        if self.record_norm and total is not None:
+            trainer.record_metric("grad_norm", total.detach())
+
+
+def _norm_type(value: float | str) -> float:
+    if isinstance(value, str):
+        if value.strip().lower() in ("inf", "infinity"):
+            return math.inf
+        raise ValueError(f"norm_type must be a number or 'inf', got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"norm_type must be a number > 0 or 'inf', got {value!r}")
+    return float(value)
