@@ -17,12 +17,14 @@ from .errors import (
 )
 from .events import Event
 from .progress import ProgressChecker
+from .supervised import SupervisedTrainer
 from .trainer import Trainer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Trainer",
+    "SupervisedTrainer",
     "ProgressChecker",
     "Event",
     "AddOn",
