@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 from .addon import REQUIRED, STRATEGY_METHODS, AddOn, AddOnBase
 from .errors import AddOnDefinitionError
 from .events import EVENT_ARGUMENTS, HOOK_NAMES, HOOK_PREFIX, Event
+from .registry import aliases_of, normalise
 
 __all__ = ["AddOnSpec", "build_trainer_class", "route_settings", "HandlerTable"]
 
@@ -141,14 +142,17 @@ def _order(specs: Sequence[AddOnSpec]) -> list[AddOnSpec]:
     build the same dispatch table.
     """
     by_name = {s.name: s for s in specs}
+    known = _identifiers(specs)  # any name a spec answers to -> its name
     after: dict[str, set[str]] = {s.name: set() for s in specs}  # name -> must come after these
     for s in specs:
         for other in s.cls.runs_after:
-            if other in by_name:
-                after[s.name].add(other)
+            target = known.get(normalise(other))
+            if target is not None and target != s.name:
+                after[s.name].add(target)
         for other in s.cls.runs_before:
-            if other in by_name:
-                after[other].add(s.name)
+            target = known.get(normalise(other))
+            if target is not None and target != s.name:
+                after[target].add(s.name)
     ready = [(s.cls.order, s.name) for s in specs if not after[s.name]]
     heapq.heapify(ready)
     placed: list[AddOnSpec] = []
@@ -170,12 +174,14 @@ def _order(specs: Sequence[AddOnSpec]) -> list[AddOnSpec]:
     return placed
 
 
+def _identifiers(specs: Sequence[AddOnSpec]) -> dict[str, str]:
+    return {alias: s.name for s in specs for alias in aliases_of(s.cls)}
+
+
 def _related(a: AddOnSpec, b: AddOnSpec) -> bool:
-    return (
-        b.name in a.cls.runs_after
-        or b.name in a.cls.runs_before
-        or a.name in b.cls.runs_after
-        or a.name in b.cls.runs_before
+    a_names, b_names = aliases_of(a.cls), aliases_of(b.cls)
+    return any(normalise(n) in b_names for n in (*a.cls.runs_after, *a.cls.runs_before)) or any(
+        normalise(n) in a_names for n in (*b.cls.runs_after, *b.cls.runs_before)
     )
 
 
@@ -188,11 +194,13 @@ def _validate(specs: Sequence[AddOnSpec], base: type) -> list[AddOnSpec]:
                 "to change its settings pass a configured instance instead of adding it again."
             )
         seen[spec.name] = spec
+    known = _identifiers(specs)
     for spec in specs:
         for other in spec.cls.conflicts_with:
-            if other in seen:
+            target = known.get(normalise(other))
+            if target is not None and target != spec.name:
                 raise AddOnDefinitionError(
-                    f"add-on {spec.name!r} declares a conflict with {other!r}; they cannot be combined. "
+                    f"add-on {spec.name!r} declares a conflict with {target!r}; they cannot be combined. "
                     "Remove one of them."
                 )
     ordered = _order(specs)

@@ -19,7 +19,7 @@ from typing import Any
 
 from .addon import AddOn, AddOnBase
 
-__all__ = ["ENTRY_POINT_GROUP", "AddOnEntry", "resolve", "entries", "BUILTIN_ADDONS"]
+__all__ = ["ENTRY_POINT_GROUP", "AddOnEntry", "resolve", "entries", "aliases_of", "normalise", "BUILTIN_ADDONS"]
 
 ENTRY_POINT_GROUP = "zae_trainer.addons"
 
@@ -83,6 +83,27 @@ def entries() -> dict[str, AddOnEntry]:
             )
         found[key] = AddOnEntry(ep.name, ep.value, dist)
     return found
+
+
+def aliases_of(cls: type) -> frozenset[str]:
+    """The names ``cls`` answers to in ordering declarations: its ``name`` and its registered names.
+
+    So ``runs_after = ("gradient_clipping",)`` and ``("GradientClippingAddon",)`` mean the same.
+    Compared case- and dash-insensitively.
+    """
+    target = f"{cls.__module__}:{cls.__qualname__}"
+    names = {_normalise(getattr(cls, "name", "") or cls.__name__)}
+    try:
+        table = entries()
+    except RuntimeError:  # a name clash between plugins is reported where a name is resolved
+        table = {_normalise(a): AddOnEntry(a, t, "zae_trainer") for a, t in BUILTIN_ADDONS.items()}
+    names.update(key for key, entry in table.items() if entry.target == target)
+    return frozenset(names)
+
+
+def normalise(name: str) -> str:
+    """A name as the registry compares it (case- and dash-insensitive)."""
+    return _normalise(name)
 
 
 def resolve(name: str) -> type[AddOn] | type[AddOnBase]:
