@@ -260,7 +260,7 @@ def build_trainer(config: Mapping[str, Any] | str | os.PathLike[str], cls: type 
         close = difflib.get_close_matches(unknown[0], TOP_LEVEL_KEYS, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigError(unknown[0], f"unknown key{hint}; accepted top-level keys: {list(TOP_LEVEL_KEYS)}")
-    trainer_cls = cls if cls is not None and not inspect.isabstract(cls) else SupervisedTrainer
+    trainer_cls: Any = cls if cls is not None and not inspect.isabstract(cls) else SupervisedTrainer
     model = _build_model(conf)
     settings = dict(conf.get("trainer") or {})
     mode = settings.pop("mode", "train")
@@ -292,7 +292,7 @@ def build_trainer(config: Mapping[str, Any] | str | os.PathLike[str], cls: type 
     if conf.get("config") is not None:
         settings["config"] = conf["config"]
     settings.setdefault("config", _plain_config(conf))
-    accepts_loss = "loss_fn" in inspect.signature(trainer_cls.__init__).parameters
+    accepts_loss = "loss_fn" in inspect.signature(trainer_cls).parameters
     if accepts_loss and loss is not None:
         settings["loss_fn"] = loss
     try:

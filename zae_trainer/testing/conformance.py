@@ -158,7 +158,7 @@ def check_state_round_trip(
             folder = os.path.join(scratch, fmt)
 
             def addons(first_run: bool) -> list[AddOn]:
-                manager_settings = {"save_path": folder, "save_format": fmt}
+                manager_settings: dict[str, Any] = {"save_path": folder, "save_format": fmt}
                 if first_run:
                     manager_settings.update(save_last=False, keep_top_k=0)
                 if is_manager:  # the add-on under test is the state manager itself
@@ -237,8 +237,9 @@ def check_pickling(addon: AddOnLike, settings: Mapping[str, Any] | None = None) 
             f"{target.name}: a trainer class holding it cannot be pickled ({exc}). Spawned workers import "
             "add-ons by reference: define the class at module top level, and keep its settings picklable."
         ) from exc
-    if clone.addons != built.addons:
-        raise AssertionError(f"{target.name}: pickled class holds {clone.addons}, expected {built.addons}")
+    held, expected = getattr(clone, "addons", None), getattr(built, "addons", None)
+    if held != expected:
+        raise AssertionError(f"{target.name}: pickled class holds {held}, expected {expected}")
     rebuilt_settings = dict(clone._zt_specs[0].preset)
     if rebuilt_settings != dict(target._given_settings):
         raise AssertionError(
