@@ -1,0 +1,208 @@
+"""NonFiniteGuardAddon: what to do when a step's loss or gradients are NaN or infinite.
+
+Policies, and what each costs:
+
+``"raise"`` (default)
+    Every optimizer step, the step's loss and total gradient norm are kept **on the device**;
+    at the next log point (``log_every_n_steps``) and after the epoch's last batch they are
+    read in one transfer, and the first non-finite step raises
+    :class:`~zae_trainer.errors.NonFiniteLossError` naming the step and both values (inside an
+    ``AddOnHookError``, as every hook error is). No per-step synchronisation; the price is
+    that up to ``log_every_n_steps - 1`` further steps run before the error, exactly like the
+    core's own ``nonfinite_loss="raise"`` check of the loss.
+``"skip"``
+    The step is skipped through ``SkipStep``: parameters and optimizer state stay unchanged,
+    the gradients are dropped, ``progress_checker.skipped_steps`` counts it, training goes on.
+``"stop"``
+    As ``"skip"``, then ``trainer.request_stop(reason)``; with the state manager present, a
+    checkpoint (reason ``"nonfinite"``) is written at the end of that batch, from the
+    parameters before the bad step.
+
+``"skip"`` and ``"stop"`` must decide *before* the optimizer step, on the host, so they read
+one flag from the device per optimizer step (one fused ``isfinite`` over the loss and the
+gradient norm, one ``.item()``); on a GPU that stalls the CPU until the step's backward has
+finished. Under DDP the flag is also summed over processes (one small all-reduce per step)
+so every rank skips the same steps. With these two policies the guard switches the core's
+``nonfinite_loss`` check to ``"ignore"``: the skipped batch's loss is still recorded, so the
+epoch mean of ``train/loss`` is NaN for an epoch with a skipped step; monitor a validation
+metric for checkpoints and early stopping.
+
+The gradient norm costs one extra pass over the gradients per step (``check_grads=False``
+turns it off). Under fp16 loss scaling, Inf/NaN gradients are expected from time to time and
+handled by the ``GradScaler`` (it skips those updates itself), so only the loss is checked.
+
+Ordering: the guard wraps ``backward`` outside the precision strategy (it sees the loss before
+loss scaling) and runs before it in ``BEFORE_OPTIMIZER_STEP`` (``runs_before =
+("precision_mixer", "gradient_clipping")``), so a skipped step is never unscaled or clipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Literal
+
+import torch
+
+from ..addon import AddOn
+from ..errors import NonFiniteLossError, SkipStep
+
+__all__ = ["NonFiniteGuardAddon"]
+
+_log = logging.getLogger("zae_trainer")
+_POLICIES = ("raise", "skip", "stop")
+_FIX = (
+    "To fix, lower the learning rate, clip gradients (GradientClippingAddon), check the data for NaN/Inf, "
+    "prefer bf16 to fp16, or use NonFiniteGuardAddon(policy='skip') to skip such steps."
+)
+
+
+class _LossWatch:
+    """Strategy: hand each backward's loss to the guard (no copy, no sync)."""
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.get_addon(NonFiniteGuardAddon.name)._losses.append(loss.detach())  # type: ignore[attr-defined]
+        super().backward(loss)  # type: ignore[misc]
+
+
+class NonFiniteGuardAddon(AddOn):
+    """Raise on, skip, or stop at a step whose loss or gradient norm is NaN/Inf.
+
+    Parameters
+    ----------
+    policy : {"raise", "skip", "stop"}
+        See the module docstring for what each does and costs.
+    check_grads : bool
+        Also check the total gradient norm (one extra pass over the gradients per step).
+
+    Attributes
+    ----------
+    skipped : int
+        Steps this guard skipped (in checkpoints). ``last_bad`` holds ``(step, loss,
+        grad_norm)`` of the latest non-finite step it handled.
+
+    Examples
+    --------
+    >>> MyTrainer.add_on(NonFiniteGuardAddon(policy="skip"))  # doctest: +SKIP
+    >>> MyTrainer.add_on("nonfinite_guard", "state_manager")(model, optimizer=opt, policy="stop",
+    ...                                                       save_path="ckpts")  # doctest: +SKIP
+    """
+
+    name = "nonfinite_guard"
+    runs_before = ("precision_mixer", "gradient_clipping")
+    trainer_mixin = _LossWatch
+
+    def __init__(self, *, policy: Literal["raise", "skip", "stop"] = "raise", check_grads: bool = True) -> None:
+        if policy not in _POLICIES:
+            raise ValueError(f"policy must be one of {list(_POLICIES)}, got {policy!r}")
+        self.policy = policy
+        self.check_grads = bool(check_grads)
+        self.skipped = 0
+        self.last_bad: tuple[int, float, float] | None = None
+        self._losses: list[torch.Tensor] = []  # this accumulation group's (loss / N) values
+        self._pending: list[tuple[int, torch.Tensor]] = []  # "raise": (step, [loss, grad norm]) on device
+        self._save_after_batch = False
+        self._norm_checked = self.check_grads
+        self._zero = torch.zeros(())
+
+    def setup(self, trainer: Any) -> None:
+        self._zero = torch.zeros((), device=trainer.device)
+        if self.policy != "raise":
+            trainer.nonfinite_loss = "ignore"  # this guard decides; the core must not raise afterwards
+
+    def on_run_begin(self, trainer: Any) -> None:
+        # Known only now: the precision add-on creates its scaler in its own setup.
+        self._norm_checked = self.check_grads and not self._loss_scaled(trainer)
+
+    # -- per optimizer step --------------------------------------------------------------
+    def on_before_optimizer_step(self, trainer: Any) -> None:
+        losses, self._losses = self._losses, []
+        if not losses:
+            return
+        step = trainer.progress_checker.step + 1
+        loss = losses[0] if len(losses) == 1 else torch.stack(losses).sum()  # sum of loss / N: the group mean
+        values = torch.stack([loss.float().reshape(()), self._grad_norm(trainer)])
+        if self.policy == "raise":
+            self._pending.append((step, values))
+            return
+        flag = float((~torch.isfinite(values)).any().item())  # the one host read per step
+        if trainer.world_size > 1:
+            flag = trainer.all_reduce_sums([flag])[0]  # every rank skips the same steps
+        if flag:
+            self._handle(trainer, step, values.tolist())
+
+    def _grad_norm(self, trainer: Any) -> torch.Tensor:
+        if self._norm_checked:
+            grads = [p.grad for p in trainer.model.parameters() if p.grad is not None]
+            if grads:
+                return torch.nn.utils.get_total_norm(grads).float().reshape(())
+        return self._zero
+
+    @staticmethod
+    def _loss_scaled(trainer: Any) -> bool:
+        try:
+            return getattr(trainer.get_addon("precision_mixer"), "scaler", None) is not None
+        except KeyError:
+            return False
+
+    def _handle(self, trainer: Any, step: int, values: list[float]) -> None:
+        loss, norm = values
+        self.skipped += 1
+        self.last_bad = (step, loss, norm)
+        reason = f"non-finite step {step}: loss={loss}, gradient norm={self._norm_text(norm)}"
+        if self.policy == "stop":
+            trainer.request_stop(reason)
+            self._save_after_batch = True
+            _log.warning("%s; skipped it and stopping", reason)
+        else:
+            _log.warning("%s; skipped it (%d skipped so far)", reason, self.skipped)
+        raise SkipStep(reason)
+
+    def on_train_batch_end(self, trainer: Any) -> None:
+        if self._save_after_batch:
+            self._save_after_batch = False
+            save = getattr(trainer, "save_state", None)
+            if callable(save):
+                save("nonfinite")
+        if self._pending and (trainer.progress_checker.step % trainer.log_every_n_steps == 0 or _last_batch(trainer)):
+            self._check_pending(trainer)
+
+    # -- "raise": checked at log points, after the epoch's last batch, before validation --------------------
+    def on_valid_begin(self, trainer: Any) -> None:
+        self._check_pending(trainer)
+
+    def on_epoch_end(self, trainer: Any) -> None:
+        self._check_pending(trainer)
+
+    def _check_pending(self, trainer: Any) -> None:
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        rows = torch.stack([v for _, v in pending]).tolist()  # one transfer for the interval
+        for (step, _), (loss, norm) in zip(pending, rows):
+            if not (math.isfinite(loss) and math.isfinite(norm)):
+                self.last_bad = (step, loss, norm)
+                what = "loss" if not math.isfinite(loss) else "gradient norm"
+                raise NonFiniteLossError(
+                    f"non-finite {what} at step {step} (epoch {trainer.progress_checker.epoch + 1}): loss={loss}, "
+                    f"gradient norm={self._norm_text(norm)}. {_FIX}",
+                    step,
+                )
+
+    def _norm_text(self, norm: float) -> str:
+        return str(norm) if self._norm_checked else "not checked"
+
+    # -- state ------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"skipped": self.skipped}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.skipped = int(state.get("skipped", 0))
+
+
+def _last_batch(trainer: Any) -> bool:
+    """Whether the batch just run was the epoch's last (before the core's own epoch-end check)."""
+    try:
+        return bool(trainer.progress_checker.batch_in_epoch == len(trainer.loader))
+    except TypeError:  # an iterable without a length: the checks before validation and at epoch end remain
+        return False
