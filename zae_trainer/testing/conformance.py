@@ -46,7 +46,7 @@ BUILTIN_FACTORIES: dict[str, Callable[[Path], dict[str, Any]]] = {
     "precision_mixer": lambda folder: {"precision": "fp32"},
     "nonfinite_guard": lambda folder: {},
     "throughput": lambda folder: {},
-    "local_logger": lambda folder: {"log_dir": str(folder / "logs")},
+    "local_logger": lambda folder: {"log_dir": str(folder / "logs"), "plot": False},
 }
 
 

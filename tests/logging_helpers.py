@@ -1,0 +1,39 @@
+"""Shared pieces of the logger tests: a tap that records what the core handed to loggers."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from zae_trainer import AddOn
+
+
+class MetricTap(AddOn):
+    """Records each LOG's metrics and each epoch's metrics, with the step they belong to.
+
+    ``order = 200`` runs it after the loggers on LOG, so it sees the dict they saw.
+    """
+
+    name = "metric_tap"
+    order = 200
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[int, dict[str, float]]] = []
+        self.epochs: list[tuple[int, int, dict[str, float]]] = []
+
+    def on_log(self, trainer: Any, metrics: Mapping[str, float]) -> None:
+        record = dict(metrics)
+        record["lr"] = trainer.optimizer.param_groups[0]["lr"]
+        self.steps.append((trainer.progress_checker.step, record))
+
+    def on_epoch_end(self, trainer: Any) -> None:
+        pc = trainer.progress_checker
+        self.epochs.append((pc.step, pc.epoch, dict(trainer.epoch_metrics)))
+
+    def expected_series(self, key: str) -> list[tuple[int, float]]:
+        """``[(step, value)]`` the loggers must have written for ``key`` (epoch keys: ``epoch/<name>``)."""
+        if key.startswith("epoch/"):
+            name = key[len("epoch/"):]
+            if name == "index":
+                return [(step, epoch) for step, epoch, _ in self.epochs]
+            return [(step, m[name]) for step, _, m in self.epochs if name in m]
+        return [(step, m[key]) for step, m in self.steps if key in m]
