@@ -1,0 +1,112 @@
+"""WandBLoggerAddon with the real wandb client, offline: read the .wandb run log back and compare.
+
+W&B starts slowly (a background service), so one module-scoped run is checked several ways.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("wandb")
+
+from logging_helpers import MetricTap  # noqa: E402
+from logging_readers import read_wandb_run, wandb_run_file  # noqa: E402
+from zae_trainer.addons import StateManagerAddon  # noqa: E402
+from zae_trainer.addons.wandb_logger import WandBLoggerAddon  # noqa: E402
+from zae_trainer.testing import TinyRegressionTrainer, tiny_loader, tiny_trainer  # noqa: E402
+
+pytestmark = pytest.mark.timeout(120)
+
+
+class FailsAtStep3(TinyRegressionTrainer):
+    def train_step(self, batch: Any) -> dict[str, Any]:
+        if self.progress_checker.step == 2:
+            raise RuntimeError("boom at step 3")
+        return super().train_step(batch)
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("wandb")
+    wandb_addon = WandBLoggerAddon(project="zt-tests", mode="offline", dir=str(root), upload_best_checkpoint=True,
+                                   tags=["unit"])
+    cls = TinyRegressionTrainer.add_on(wandb_addon, StateManagerAddon(save_path=root / "ckpt"), MetricTap)
+    trainer = tiny_trainer(cls, config={"lr": 0.05, "batch_size": 8})
+    trainer.run(2, tiny_loader(), tiny_loader(16, seed=7))
+    addon = trainer.get_addon("wandb")
+    return {"root": root, "trainer": trainer, "tap": trainer.get_addon(MetricTap), "addon": addon,
+            "log": read_wandb_run(wandb_run_file(root, addon.run_id))}
+
+
+def test_step_and_epoch_metrics_arrive_with_exact_names_values_and_steps(first_run: dict[str, Any]) -> None:
+    log, tap = first_run["log"], first_run["tap"]
+    assert log.run_id == first_run["addon"].run_id
+    assert sorted(log.history) == [2, 4, 6, 8, 10, 12]
+    keys = ("train/loss", "train/mae", "lr", "epoch/index", "epoch/train/loss", "epoch/valid/loss", "epoch/valid/mae")
+    for key in keys:
+        assert log.series(key) == tap.expected_series(key), key
+    assert log.series("epoch/index") == [(6, 1), (12, 2)]
+    assert set().union(*log.history.values()) == {*keys, "epoch/train/mae"}  # nothing else, nothing renamed
+
+
+def test_config_holds_the_run_configuration_without_secrets(first_run: dict[str, Any]) -> None:
+    config = first_run["log"].config
+    assert config["lr"] == 0.05 and config["batch_size"] == 8
+    ours = config["zae_trainer"]
+    assert ours["optimizer"]["class"] == "SGD" and ours["optimizer"]["lr"] == 0.05
+    assert ours["trainer"]["log_every_n_steps"] == 2 and ours["model"]["parameters"] == 4
+    assert ours["addons"]["wandb"]["project"] == "zt-tests"
+
+
+def test_summary_exit_code_and_best_checkpoint_artifact(first_run: dict[str, Any]) -> None:
+    log, trainer = first_run["log"], first_run["trainer"]
+    summary = log.summary
+    assert (summary["status"], summary["epochs"], summary["steps"], summary["samples"]) == ("finished", 2, 12, 96)
+    assert summary["best/metric"] == "valid/loss"
+    assert (summary["best/value"], summary["best/epoch"]) == (trainer.best["value"], trainer.best["epoch"])
+    assert log.exit_code == 0
+    best_file = trainer.get_addon(StateManagerAddon)._manifest_now().best().name
+    [artifact] = log.artifacts
+    assert (artifact["name"], artifact["type"], artifact["files"]) == (f"model-{log.run_id}", "model", [best_file])
+    assert sorted(artifact["aliases"]) == ["best", "latest"]
+
+
+def test_a_resumed_training_continues_the_same_run_on_the_same_step_axis(first_run: dict[str, Any]) -> None:
+    root = first_run["root"]
+    cls = TinyRegressionTrainer.add_on(
+        WandBLoggerAddon(mode="offline", dir=str(root), resume_run=True),
+        StateManagerAddon(save_path=root / "ckpt", resume="latest"),
+        MetricTap,
+    )
+    trainer = tiny_trainer(cls)
+    trainer.run(3, tiny_loader(), tiny_loader(16, seed=7))  # 3 in all: one more epoch
+    addon = trainer.get_addon("wandb")
+    assert addon.run_id == first_run["addon"].run_id
+    newest = read_wandb_run(wandb_run_file(root, addon.run_id))
+    assert sorted(newest.history) == [14, 16, 18]
+    assert newest.series("train/loss") == trainer.get_addon(MetricTap).expected_series("train/loss")
+    assert newest.series("epoch/index") == [(18, 3)]
+
+
+def test_a_run_that_raises_is_marked_failed(tmp_path: Path) -> None:
+    cls = FailsAtStep3.add_on(WandBLoggerAddon(mode="offline", dir=str(tmp_path)))
+    trainer = tiny_trainer(cls)
+    with pytest.raises(RuntimeError, match="boom at step 3"):
+        trainer.run(1, tiny_loader())
+    log = read_wandb_run(wandb_run_file(tmp_path, trainer.get_addon("wandb").run_id))
+    assert log.exit_code == 1
+    assert sorted(log.history) == [2] and log.summary["status"] == "failed"
+
+
+def test_settings_are_checked_at_construction() -> None:
+    with pytest.raises(ValueError, match="unknown backend.*'mlflow'"):
+        WandBLoggerAddon(web_logger={"mlflow": {}})
+    with pytest.raises(TypeError, match="must be a dict"):
+        WandBLoggerAddon(web_logger="wandb")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="init_timeout"):
+        WandBLoggerAddon(init_timeout=0)
+    assert os.environ["WANDB_MODE"] == "offline"  # the conftest keeps W&B off the network
