@@ -1,0 +1,307 @@
+"""NeptuneLoggerAddon: Neptune (``neptune`` 1.x client) tracking, including offline mode.
+
+Neptune's hosted service has been wound down (see the README's Logging section). This add-on
+still serves self-hosted or otherwise still-running Neptune servers, and **offline mode**,
+which needs no server at all: the client writes every operation under
+``.neptune/offline/run__<id>__.../`` (or ``$NEPTUNE_DATA_DIRECTORY``).
+:func:`read_offline_run` reads such a folder back into metric series and fields, so runs
+recorded that way stay usable without Neptune.
+
+What it logs (as every logger, see :mod:`zae_trainer.addons._logging_common`): ``config/*`` at
+``RUN_BEGIN``; step metrics and learning rate(s) as series appended with
+``step=progress_checker.step``; epoch metrics as ``epoch/<name>`` plus ``epoch/index``;
+``summary/*`` at ``RUN_END``; ``sys/failed = True`` when the run raised. Non-finite values are
+skipped (Neptune 1.x rejects them, with a warning per value).
+
+Why it does not stall: in Neptune's default ``async`` mode and in ``offline`` mode, appends go
+to a local disk queue that a background thread uploads. ``neptune.init_run`` contacts the
+server and, with the server unreachable, retries for about a minute, so it runs in a helper
+thread for at most ``init_timeout`` seconds; after that the run falls back to offline mode
+(one warning), and the abandoned attempt stops its run if it ever completes. ``run.stop`` at
+``RUN_END`` waits at most ``init_timeout`` seconds for the queue; what is left stays on disk
+for ``neptune sync``.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import json
+import os
+import threading
+import uuid
+from collections.abc import Mapping
+from typing import Any, Callable
+
+from ._logging_common import (
+    LoggerAddOn,
+    best_checkpoint_path,
+    check_web_logger,
+    epoch_record,
+    is_finite_number,
+)
+
+__all__ = ["NeptuneLoggerAddon", "read_offline_run", "offline_run_folders"]
+
+#: zae-engine's spellings in ``web_logger["neptune"]`` -> ``neptune.init_run`` arguments.
+_ZAE_ENGINE_ALIASES = {"project_name": "project", "api_tkn": "api_token"}
+
+
+class NeptuneLoggerAddon(LoggerAddOn):
+    """Log to Neptune (``neptune`` 1.x): a self-hosted server, or offline to disk.
+
+    Parameters
+    ----------
+    web_logger : dict or None
+        zae-engine's setting: ``{"neptune": {...neptune.init_run keyword arguments...}}``
+        (zae-engine's ``project_name`` / ``api_tkn`` are accepted). Shared with
+        :class:`~zae_trainer.addons.wandb_logger.WandBLoggerAddon`, which reads ``"wandb"``.
+        Given without a ``"neptune"`` key (and no ``**init_kwargs``), this add-on stays off.
+    resume_run : bool
+        When training resumes from a checkpoint (or ``run()`` is called again), continue the
+        Neptune run recorded in the checkpoint: ``with_id=<sys/id>`` with a server, and the
+        same ``custom_run_id`` offline (``neptune sync`` then merges them).
+    upload_best_checkpoint : bool
+        At the end of the run, upload the state manager's best checkpoint to
+        ``checkpoints/best``. Needs ``StateManagerAddon``.
+    init_timeout : float
+        Seconds ``neptune.init_run`` (and ``run.stop``) may wait for the server.
+    offline_fallback : bool
+        If Neptune cannot start, log offline (True) or run without Neptune (False).
+    **init_kwargs
+        ``neptune.init_run`` keyword arguments for a configured instance
+        (``NeptuneLoggerAddon(project="ws/p", mode="offline")``); they override ``web_logger``.
+
+    Examples
+    --------
+    >>> Trainer.add_on(NeptuneLoggerAddon(mode="offline"))  # doctest: +SKIP
+    """
+
+    name = "neptune"
+    backend = "Neptune"
+
+    def __init__(
+        self,
+        *,
+        web_logger: Mapping[str, Any] | None = None,
+        resume_run: bool = False,
+        upload_best_checkpoint: bool = False,
+        init_timeout: float = 30.0,
+        offline_fallback: bool = True,
+        **init_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        configured = check_web_logger(web_logger, type(self).__name__)
+        self.enabled = "neptune" in configured or bool(init_kwargs) or web_logger is None
+        options = {_ZAE_ENGINE_ALIASES.get(k, k): v for k, v in configured.get("neptune", {}).items()}
+        self.init_kwargs: dict[str, Any] = {**options, **init_kwargs}
+        self.resume_run = bool(resume_run)
+        self.upload_best_checkpoint = bool(upload_best_checkpoint)
+        if not (isinstance(init_timeout, (int, float)) and init_timeout > 0):
+            raise ValueError(f"init_timeout must be a number of seconds > 0, got {init_timeout!r}")
+        self.init_timeout = float(init_timeout)
+        self.offline_fallback = bool(offline_fallback)
+        self.run_id: str | None = None  # sys/id of the last run ("OFFLINE-1" offline)
+        self.custom_run_id: str | None = None
+        self._run: Any = None
+
+    def setup(self, trainer: Any) -> None:
+        if self.enabled and importlib.util.find_spec("neptune") is None:
+            raise ImportError(
+                "NeptuneLoggerAddon needs the 'neptune' package (1.x). To fix, pip install zae_trainer[neptune], "
+                "or use LocalLoggerAddon / WandBLoggerAddon instead."
+            )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "custom_run_id": self.custom_run_id}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.run_id = state.get("run_id")
+        self.custom_run_id = state.get("custom_run_id")
+
+    # ==================================================================================
+    # LoggerAddOn
+    # ==================================================================================
+    def _open(self, trainer: Any) -> bool:
+        if not self.enabled:
+            return False
+        import neptune
+
+        kwargs = self._init_arguments()
+        mode = kwargs.get("mode") or os.environ.get("NEPTUNE_MODE", "async")
+        try:
+            if mode in ("offline", "debug", "read-only"):
+                run = neptune.init_run(**kwargs)
+            else:
+                run = _call_with_timeout(lambda: neptune.init_run(**kwargs), self.init_timeout)
+        except Exception as exc:
+            if not self.offline_fallback or mode == "offline":
+                raise
+            kwargs.pop("with_id", None)  # offline mode cannot attach to a server-side run
+            kwargs["mode"] = "offline"
+            run = neptune.init_run(**kwargs)
+            self._warn(
+                f"Neptune could not start in {mode!r} mode ({type(exc).__name__}: {_first_line(exc)}); logging "
+                "offline under .neptune/offline (or $NEPTUNE_DATA_DIRECTORY) instead. To upload it later: "
+                "neptune sync"
+            )
+        self._run = run
+        self.run_id = getattr(run, "_sys_id", None)
+        self.custom_run_id = kwargs.get("custom_run_id", self.custom_run_id)
+        return True
+
+    def _write_config(self, config: dict[str, Any]) -> None:
+        self._run["config"] = _neptune_values(config)
+
+    def _write_step(self, step: int, record: dict[str, float]) -> None:
+        run = self._run
+        for key, value in record.items():
+            if is_finite_number(value):
+                run[key].append(value, step=step)
+
+    def _write_epoch(self, step: int, epoch: int, metrics: dict[str, float]) -> None:
+        self._write_step(step, epoch_record(epoch, metrics))
+
+    def _write_summary(self, trainer: Any, summary: dict[str, Any]) -> None:
+        self._run["summary"] = _neptune_values(summary)
+        if self.upload_best_checkpoint:
+            path = best_checkpoint_path(trainer)
+            if path is None:
+                self._warn("Neptune: upload_best_checkpoint=True but no best checkpoint exists (add StateManagerAddon)")
+            elif os.path.isdir(path):
+                self._run["checkpoints/best"].upload_files(os.path.join(path, "*"))
+            else:
+                self._run["checkpoints/best"].upload(path)
+
+    def _close(self, failed: bool) -> None:
+        run, self._run = self._run, None
+        if run is None:
+            return
+        if failed:
+            run["sys/failed"] = True
+        run.stop(seconds=self.init_timeout)
+
+    def _init_arguments(self) -> dict[str, Any]:
+        kwargs = dict(self.init_kwargs)
+        if "with_id" in kwargs or "custom_run_id" in kwargs:
+            return kwargs
+        mode = kwargs.get("mode") or os.environ.get("NEPTUNE_MODE", "async")
+        if self.resume_run and self.run_id and mode != "offline" and not self.run_id.startswith("OFFLINE"):
+            kwargs["with_id"] = self.run_id
+        elif self.resume_run and self.custom_run_id:
+            kwargs["custom_run_id"] = self.custom_run_id
+        else:  # a fresh run gets its own id, so an offline run can be resumed later
+            kwargs["custom_run_id"] = uuid.uuid4().hex
+        return kwargs
+
+
+# ======================================================================================
+# Reading offline runs back
+# ======================================================================================
+def offline_run_folders(data_directory: str | os.PathLike[str] = ".neptune") -> list[str]:
+    """The offline run folders under a Neptune data directory, oldest first."""
+    folders = glob.glob(os.path.join(os.fspath(data_directory), "offline", "run__*"))
+    return sorted(folders, key=lambda f: (_created_at(f), f))
+
+
+def read_offline_run(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """What the Neptune client recorded in one offline run folder.
+
+    Returns ``{"series": {path: [(step, value), ...]}, "fields": {path: value},
+    "files": {path: local file path}}``; paths are joined with ``/`` (``"train/loss"``).
+    Reads the client's operation queue (``data-<n>.log``: one JSON operation per line).
+    """
+    series: dict[str, list[tuple[float | None, Any]]] = {}
+    fields: dict[str, Any] = {}
+    files: dict[str, Any] = {}
+    logs = glob.glob(os.path.join(os.fspath(folder), "data-*.log"))
+    for log in sorted(logs, key=lambda p: int(os.path.basename(p)[5:-4] or 0)):
+        with open(log, encoding="utf-8") as fh:
+            for line in fh:
+                try:
+                    op = json.loads(line)["obj"]
+                except (ValueError, KeyError):
+                    continue  # a torn last line
+                path = "/".join(op.get("path", []))
+                kind = op.get("type", "")
+                if kind.startswith("Log"):
+                    series.setdefault(path, []).extend((v.get("step"), v.get("value")) for v in op.get("values", []))
+                elif kind.startswith("Assign"):
+                    fields[path] = op.get("value")
+                elif kind.startswith("Upload"):
+                    files[path] = op.get("file_path", op.get("file_globs"))
+    return {"series": series, "fields": fields, "files": files}
+
+
+# ======================================================================================
+# Helpers
+# ======================================================================================
+def _call_with_timeout(factory: Callable[[], Any], timeout: float) -> Any:
+    """``factory()`` in a helper thread; TimeoutError after ``timeout`` seconds.
+
+    The abandoned call keeps running in its daemon thread; if it completes later, the run it
+    created is stopped there, so nothing logs into it.
+    """
+    lock = threading.Lock()
+    done = threading.Event()
+    box: dict[str, Any] = {}
+    abandoned = False
+
+    def target() -> None:
+        try:
+            result = factory()
+        except BaseException as exc:  # handed to the caller below
+            box["error"] = exc
+            done.set()
+            return
+        with lock:
+            if not abandoned:
+                box["result"] = result
+                done.set()
+                return
+        try:
+            result.stop(seconds=0)
+        except Exception:
+            pass  # nobody is listening any more: the run was replaced by an offline one
+
+    threading.Thread(target=target, name="zae-neptune-init", daemon=True).start()
+    if not done.wait(timeout):
+        with lock:
+            if not done.is_set():
+                abandoned = True
+                raise TimeoutError(f"neptune.init_run did not return within init_timeout={timeout:g} s")
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
+def _neptune_values(data: Mapping[str, Any]) -> dict[str, Any]:
+    """Nested plain data as Neptune 1.x accepts it: no None, lists as strings."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if value is None:
+            continue
+        if isinstance(value, Mapping):
+            nested = _neptune_values(value)
+            if nested:
+                out[str(key)] = nested
+        elif isinstance(value, float) and not is_finite_number(value):
+            out[str(key)] = repr(value)
+        elif isinstance(value, (bool, int, float, str)):
+            out[str(key)] = value
+        else:
+            out[str(key)] = str(value)
+    return out
+
+
+def _created_at(folder: str) -> str:
+    try:
+        with open(os.path.join(folder, "metadata.json"), encoding="utf-8") as fh:
+            return str(json.load(fh).get("createdAt", ""))
+    except (OSError, ValueError):
+        return ""
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
