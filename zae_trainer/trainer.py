@@ -542,12 +542,16 @@ class Trainer(ZaeEngineCompat, metaclass=TrainerMeta):
             raise StepOutputError(
                 f"test_step must return a dict such as {{'loss': loss}}, got {type(outputs).__name__}"
             )
-        self.logging(outputs)
+        self.logging(outputs, _batch_size(batch))
         self.emit(Event.VALID_BATCH_END)
 
-    def logging(self, step_dict: Mapping[str, Any]) -> None:
-        """Record a step's outputs for the current phase (no device synchronisation)."""
-        self._accumulators[self._phase()].add(step_dict, _batch_size(step_dict), self.progress_checker.step)
+    def logging(self, step_dict: Mapping[str, Any], batch_size: int | None = None) -> None:
+        """Record a step's outputs for the current phase (no device synchronisation).
+
+        Means are weighted by ``batch_size`` (samples in the batch; guessed from the outputs if None).
+        """
+        size = _batch_size(step_dict) if batch_size is None else batch_size
+        self._accumulators[self._phase()].add(step_dict, size, self.progress_checker.step)
 
     def record_metric(self, name: str, value: torch.Tensor | float, weight: int = 1) -> None:
         """Add a value to the current phase's metrics, as if a step had returned it.
