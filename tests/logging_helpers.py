@@ -6,6 +6,17 @@ from typing import Any, Mapping
 
 from zae_trainer import AddOn
 
+#: ``neptune.init_run`` options that keep the client's extras (hardware monitoring threads,
+#: stdout capture, git and source snapshots) out of test runs.
+QUIET = {
+    "capture_hardware_metrics": False,
+    "capture_stdout": False,
+    "capture_stderr": False,
+    "capture_traceback": False,
+    "git_ref": False,
+    "source_files": [],
+}
+
 
 class MetricTap(AddOn):
     """Records each LOG's metrics and each epoch's metrics, with the step they belong to.

@@ -9,23 +9,12 @@ import pytest
 
 pytest.importorskip("neptune")
 
-from logging_helpers import MetricTap  # noqa: E402
+from logging_helpers import QUIET, MetricTap  # noqa: E402
 from zae_trainer.addons import StateManagerAddon  # noqa: E402
 from zae_trainer.addons.neptune_logger import NeptuneLoggerAddon, offline_run_folders, read_offline_run  # noqa: E402
 from zae_trainer.testing import TinyRegressionTrainer, tiny_loader, tiny_trainer  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
-
-#: Keep the client's own extras (hardware monitoring threads, stdout capture) out of the test runs.
-QUIET = {
-    "capture_hardware_metrics": False,
-    "capture_stdout": False,
-    "capture_stderr": False,
-    "capture_traceback": False,
-    "git_ref": False,
-    "source_files": [],
-}
-
 
 class FailsAtStep3(TinyRegressionTrainer):
     def train_step(self, batch: Any) -> dict[str, Any]:
