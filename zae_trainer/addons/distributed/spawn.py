@@ -49,6 +49,7 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.multiprocessing.spawn import ProcessException
 
 from ...display import RunSummary
 from ...errors import TrainerConfigError
@@ -125,7 +126,7 @@ def launch(
         try:
             while not context.join(timeout=0.5, grace_period=_GRACE_SECONDS):
                 pass
-        except mp.ProcessException as exc:
+        except ProcessException as exc:
             error = _worker_error(folder, plan.world_size, exc)
             raise error from _original_exception(folder, error.rank) or exc
         finally:
