@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -144,3 +147,18 @@ def test_conformance_fp16(tmp_path: Any) -> None:
     # step (PyTorch's design; documented in the module), so fp16 cannot pass a no-sync check.
     report = check_addon(PrecisionMixerAddon, {"precision": "fp16"}, workdir=tmp_path, skip=("sync",))
     assert report["state"] == ["ckpt", "safetensors"]
+
+
+@pytest.mark.slow
+def test_precision_benchmark_runs_and_prints_its_table(tmp_path: Any) -> None:
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_precision.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--steps", "3", "--rounds", "1", "--width", "32", "--batch", "8", "--depth", "1"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = {line.split()[0] for line in proc.stdout.splitlines()}
+    assert {"fp32", "bf16", "fp16"} <= rows
+    if not torch.cuda.is_available():
+        assert "no CUDA device" in proc.stdout
+    assert list(tmp_path.iterdir()) == []
