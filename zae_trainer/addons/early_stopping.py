@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Literal
+import operator
+from typing import Any, Callable, Literal
 
 from ..addon import AddOn
 from ..errors import TrainerConfigError
@@ -145,7 +146,7 @@ class EarlyStoppingAddon(AddOn):
     def _decide(self, name: str, value: float) -> str | None:
         """Update the counters with this epoch's value; return why to stop, or None."""
         mode = self.mode or self.trainer.monitor_mode
-        better = (lambda a, b: a < b) if mode == "min" else (lambda a, b: a > b)
+        better: Callable[[float, float], bool] = operator.lt if mode == "min" else operator.gt
         if not math.isfinite(value):
             if self.check_finite:
                 return f"{name} is {value}"
