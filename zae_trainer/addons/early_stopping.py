@@ -55,6 +55,14 @@ class EarlyStoppingAddon(AddOn):
     verbose : bool
         Log every epoch's decision, and the stop as a warning rather than at info level.
 
+    Notes
+    -----
+    ``monitor`` and ``mode`` can only be given to a configured instance: as keywords of the
+    trainer's constructor they are the trainer's own ``monitor=`` and ``mode=`` ("train" /
+    "test"). With keywords, set the trainer's ``monitor=`` / ``monitor_mode=``, which this
+    add-on follows by default (one monitored metric for checkpoints, early stopping and
+    plateau schedulers).
+
     Attributes
     ----------
     best : float or None
