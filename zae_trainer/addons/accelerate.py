@@ -1,0 +1,218 @@
+"""AccelerateAddon: hand the model, optimizer and loaders to Hugging Face Accelerate.
+
+With it, whatever ``accelerate launch`` was configured for — multi-GPU and multi-node DDP,
+FSDP, DeepSpeed, mixed precision — runs under this trainer's loop, events and add-ons;
+the user's trainer subclass does not change.
+
+What goes through the ``Accelerator``:
+
+* construction — the ``Accelerator`` is created (it joins the launcher's process group) and
+  the model moves to ``accelerator.device``;
+* ``prepare_loader`` — per-process shards through a ``DistributedSampler`` (rank and world
+  size from the ``Accelerator``), as ``MultiGPUAddon`` does, so that checkpoints resume
+  mid-epoch exactly; Accelerate's ``prepare_data_loader`` on TPUs;
+* ``wrap_model`` — ``accelerator.prepare(model, optimizer)``; ``trainer.optimizer`` becomes the
+  prepared optimizer. The scheduler is **not** prepared: the core steps it (per epoch, or per
+  optimizer step), unchanged by the number of processes;
+* ``autocast`` — ``accelerator.autocast()`` (``mixed_precision=`` or the launch config);
+* ``backward`` — ``accelerator.backward`` whenever Accelerate must own it (loss scaling,
+  DeepSpeed, Megatron-LM); otherwise the plain ``loss.backward()`` of the chain;
+* ``no_sync`` — ``accelerator.no_sync(model)`` for the non-final micro-batches of gradient
+  accumulation (the core's ``accumulate_grad_batches``; Accelerate's own is left at 1);
+* before each optimizer step, scaled gradients are unscaled, so clipping sees true values;
+* ``is_main_process``, ``world_size``, ``all_reduce_sums`` — from the ``Accelerator``;
+* ``unwrap_model`` — ``accelerator.unwrap_model``: checkpoints hold the plain model.
+
+Mixed precision is Accelerate's job here, so this add-on conflicts with ``precision_mixer``;
+it also conflicts with ``multi_gpu`` (Accelerate does the distribution). The process group
+Accelerate creates stays for the life of the process, as Accelerate intends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, ContextManager, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from ..addon import AddOn
+from .distributed.sampler import distribute_loader, distributed_sampler_of
+
+__all__ = ["AccelerateAddon"]
+
+
+class _AccelerateStrategy:
+    """Trainer-side overrides; each chains with ``super()`` and asks the add-on's Accelerator."""
+
+    def prepare_loader(self, loader: Any, *, train: bool) -> Any:
+        loader = super().prepare_loader(loader, train=train)  # type: ignore[misc]
+        return self.get_addon(AccelerateAddon.name).prepare_loader(loader, train=train)  # type: ignore[attr-defined]
+
+    def wrap_model(self, model: nn.Module) -> nn.Module:
+        model = super().wrap_model(model)  # type: ignore[misc]
+        return self.get_addon(AccelerateAddon.name).prepare_model(model)  # type: ignore[attr-defined,no-any-return]
+
+    def unwrap_model(self, model: nn.Module) -> nn.Module:
+        return super().unwrap_model(_accelerator(self).unwrap_model(model))  # type: ignore[misc,no-any-return]
+
+    def autocast(self) -> ContextManager[Any]:
+        return _both(super().autocast(), _accelerator(self).autocast())  # type: ignore[misc]
+
+    def backward(self, loss: torch.Tensor) -> None:
+        accelerator = _accelerator(self)
+        if _owns_backward(accelerator):
+            accelerator.backward(loss)
+        else:  # accelerator.backward would call loss.backward() too; the chain lets strategies stack
+            super().backward(loss)  # type: ignore[misc]
+
+    def no_sync(self) -> ContextManager[Any]:
+        return _both(super().no_sync(), _accelerator(self).no_sync(self.model))  # type: ignore[misc,attr-defined]
+
+    def all_reduce_sums(self, values: list[float]) -> list[float]:
+        values = super().all_reduce_sums(values)  # type: ignore[misc]
+        return self.get_addon(AccelerateAddon.name).reduce_sums(values)  # type: ignore[attr-defined,no-any-return]
+
+    @property
+    def is_main_process(self) -> bool:
+        return super().is_main_process and bool(_accelerator(self).is_main_process)  # type: ignore[misc]
+
+    @property
+    def world_size(self) -> int:
+        own = int(_accelerator(self).num_processes)
+        return own if own > 1 else super().world_size  # type: ignore[misc,no-any-return]
+
+
+def _accelerator(trainer: Any) -> Any:
+    return trainer.get_addon(AccelerateAddon.name).accelerator
+
+
+@contextlib.contextmanager
+def _both(first: ContextManager[Any], second: ContextManager[Any]) -> Iterator[None]:
+    with first, second:
+        yield
+
+
+def _owns_backward(accelerator: Any) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.scaler is not None or accelerator.distributed_type in (
+        DistributedType.DEEPSPEED,
+        DistributedType.MEGATRON_LM,
+    )
+
+
+def _plain_data_parallel(accelerator: Any) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type in (DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
+
+
+class AccelerateAddon(AddOn):
+    """Train through Hugging Face Accelerate: FSDP, DeepSpeed, multi-node via ``accelerate launch``.
+
+    Parameters
+    ----------
+    mixed_precision : {"no", "fp16", "bf16", "fp8"} or None
+        Accelerate's mixed precision; None takes it from ``accelerate launch`` / ``accelerate config``.
+    accelerator_kwargs : Mapping or None
+        Further ``accelerate.Accelerator`` arguments (``fsdp_plugin``, ``deepspeed_plugin``,
+        ``dataloader_config``, ``kwargs_handlers``, ...). ``cpu`` defaults to whether the
+        trainer's device is the CPU.
+
+    Examples
+    --------
+    >>> Trainer = MyTrainer.add_on(AccelerateAddon(mixed_precision="bf16"))   # doctest: +SKIP
+    >>> Trainer(model, optimizer=opt).run(3, loader)   # then: accelerate launch train.py  # doctest: +SKIP
+    """
+
+    name = "accelerate"
+    order = -200
+    trainer_mixin = _AccelerateStrategy
+    conflicts_with = ("multi_gpu", "precision_mixer")
+    runs_before = ("gradient_clipping",)  # unscale before clipping
+
+    def __init__(self, *, mixed_precision: str | None = None, accelerator_kwargs: Mapping[str, Any] | None = None) -> None:
+        if mixed_precision is not None and mixed_precision not in ("no", "fp16", "bf16", "fp8"):
+            raise ValueError(f"mixed_precision must be 'no', 'fp16', 'bf16', 'fp8' or None, got {mixed_precision!r}")
+        self.mixed_precision = mixed_precision
+        self.accelerator_kwargs = dict(accelerator_kwargs or {})
+        self.accelerator: Any = None
+        self._prepared: nn.Module | None = None
+
+    def setup(self, trainer: Any) -> None:
+        try:
+            from accelerate import Accelerator
+        except ImportError as exc:  # pragma: no cover - accelerate is an optional dependency
+            raise ImportError(
+                "AccelerateAddon needs Hugging Face Accelerate. To fix, pip install 'zae_trainer[accelerate]'."
+            ) from exc
+        kwargs = dict(self.accelerator_kwargs)
+        kwargs.setdefault("cpu", trainer.device.type == "cpu")
+        if self.mixed_precision is not None:
+            kwargs["mixed_precision"] = self.mixed_precision
+        self.accelerator = Accelerator(**kwargs)
+        trainer.device = self.accelerator.device
+        trainer.devices = [trainer.device]
+        trainer.model = trainer.model.to(trainer.device)
+
+    def prepare_loader(self, loader: Any, *, train: bool) -> Any:
+        """This process's shard of a ``DataLoader``, as ``MultiGPUAddon`` makes it.
+
+        A plain ``DataLoader`` with a ``DistributedSampler`` (rather than Accelerate's
+        ``DataLoaderShard``) keeps the state manager's exact mid-epoch resume. Validation is
+        sharded without padding under plain data parallelism, so every sample is evaluated
+        once; with FSDP or DeepSpeed, whose forward passes communicate, every process needs
+        as many batches, so validation is padded like training. On TPUs (XLA), Accelerate's
+        own ``prepare_data_loader`` is used.
+        """
+        if not isinstance(loader, torch.utils.data.DataLoader):
+            return loader
+        accelerator = self.accelerator
+        from accelerate.utils import DistributedType
+
+        if accelerator.distributed_type == DistributedType.XLA:
+            return accelerator.prepare_data_loader(loader)
+        if accelerator.num_processes == 1:
+            return loader
+        even = train or not _plain_data_parallel(accelerator)
+        return distribute_loader(loader, rank=accelerator.process_index, world_size=accelerator.num_processes, train=even)
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        """``accelerator.prepare(model, optimizer)`` once; later runs reuse the prepared pair."""
+        if model is self._prepared:
+            return model
+        trainer = self.trainer
+        if trainer.mode != "train" or trainer.optimizer is None:
+            prepared = self.accelerator.prepare_model(model, evaluation_mode=True)
+        else:
+            prepared, trainer.optimizer = self.accelerator.prepare(model, trainer.optimizer)
+        self._prepared = prepared
+        return prepared  # type: ignore[no-any-return]
+
+    def reduce_sums(self, values: list[float]) -> list[float]:
+        """Sum over processes with ``accelerator.reduce``, after checking all send as many."""
+        accelerator = self.accelerator
+        if accelerator.num_processes == 1:
+            return values
+        device = accelerator.device
+        lengths = accelerator.gather(torch.tensor([len(values)], device=device))
+        if int(lengths.min()) != int(lengths.max()):
+            raise RuntimeError(
+                f"processes report different numbers of metric values ({lengths.tolist()}): every process's "
+                "train_step/test_step must return the same keys"
+            )
+        if not values:
+            return values
+        summed = accelerator.reduce(torch.tensor(values, dtype=torch.float64, device=device), reduction="sum")
+        return [float(v) for v in summed.tolist()]
+
+    def on_epoch_begin(self, trainer: Any) -> None:
+        for loader in (trainer.loader, trainer.valid_loader):
+            sampler = distributed_sampler_of(loader)
+            if sampler is not None:
+                sampler.set_epoch(trainer.progress_checker.epoch)
+
+    def on_before_optimizer_step(self, trainer: Any) -> None:
+        if self.accelerator.scaler is not None:
+            self.accelerator.unscale_gradients()
