@@ -94,7 +94,7 @@ def _both(first: ContextManager[Any], second: ContextManager[Any]) -> Iterator[N
 
 
 def _owns_backward(accelerator: Any) -> bool:
-    from accelerate.utils import DistributedType
+    from accelerate.utils import DistributedType  # type: ignore[import-untyped]
 
     return accelerator.scaler is not None or accelerator.distributed_type in (
         DistributedType.DEEPSPEED,
@@ -103,7 +103,7 @@ def _owns_backward(accelerator: Any) -> bool:
 
 
 def _plain_data_parallel(accelerator: Any) -> bool:
-    from accelerate.utils import DistributedType
+    from accelerate.utils import DistributedType  # type: ignore[import-untyped]
 
     return accelerator.distributed_type in (DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
 
@@ -142,7 +142,7 @@ class AccelerateAddon(AddOn):
 
     def setup(self, trainer: Any) -> None:
         try:
-            from accelerate import Accelerator
+            from accelerate import Accelerator  # type: ignore[import-untyped]
         except ImportError as exc:  # pragma: no cover - accelerate is an optional dependency
             raise ImportError(
                 "AccelerateAddon needs Hugging Face Accelerate. To fix, pip install 'zae_trainer[accelerate]'."
@@ -169,7 +169,7 @@ class AccelerateAddon(AddOn):
         if not isinstance(loader, torch.utils.data.DataLoader):
             return loader
         accelerator = self.accelerator
-        from accelerate.utils import DistributedType
+        from accelerate.utils import DistributedType  # type: ignore[import-untyped]
 
         if accelerator.distributed_type == DistributedType.XLA:
             return accelerator.prepare_data_loader(loader)

@@ -82,7 +82,7 @@ class _DistributedStrategy:
             try:
                 super().run(n_epoch, loader, valid_loader, **kwargs)  # type: ignore[misc]
             finally:
-                self.model = self.unwrap_model(self.model)  # type: ignore[attr-defined]
+                self.model = self.unwrap_model(getattr(self, "model"))  # type: ignore[attr-defined]
 
     def wrap_model(self, model: nn.Module) -> nn.Module:
         model = super().wrap_model(model)  # type: ignore[misc]
@@ -99,7 +99,7 @@ class _DistributedStrategy:
 
     def no_sync(self) -> ContextManager[Any]:
         outer = super().no_sync()  # type: ignore[misc]
-        model = self.model  # type: ignore[attr-defined]
+        model: Any = getattr(self, "model")
         if isinstance(model, DistributedDataParallel):
             return _both(outer, model.no_sync())
         return outer  # type: ignore[no-any-return]

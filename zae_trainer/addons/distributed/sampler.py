@@ -118,7 +118,7 @@ def distribute_loader(loader: Any, *, rank: int, world_size: int, train: bool, s
             f"the validation set has {size} sample(s) for {world_size} processes, so some would evaluate "
             "nothing. To fix, use a validation set at least as large as the number of processes."
         )
-    sampler_cls = DistributedSampler if train else UnpaddedDistributedSampler
+    sampler_cls: type[DistributedSampler] = DistributedSampler if train else UnpaddedDistributedSampler  # type: ignore[type-arg]
     sampler = sampler_cls(
         loader.dataset, num_replicas=world_size, rank=rank, shuffle=_shuffles(loader), seed=_seed(loader, seed)
     )

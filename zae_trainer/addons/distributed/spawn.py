@@ -270,7 +270,7 @@ def _with_device(
     When the constructor has no ``device`` parameter, the add-on moves the model afterwards.
     """
     try:
-        signature = inspect.signature(cls.__init__)
+        signature = inspect.signature(cls.__init__)  # type: ignore[misc]
         bound = signature.bind(None, *args, **kwargs)
     except (TypeError, ValueError):
         return args, kwargs
@@ -300,8 +300,9 @@ def _write_result(folder: str, trainer: Any) -> None:
 
 
 def _record_error(folder: str, rank: int, exc: BaseException) -> None:
+    pickled: bytes | None
     try:
-        pickled: bytes | None = pickle.dumps(exc)
+        pickled = pickle.dumps(exc)
         pickle.loads(pickled)  # only keep what the parent can rebuild
     except Exception:
         pickled = None
