@@ -14,6 +14,7 @@ import glob
 import json
 import os
 import struct
+import time
 import zlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,7 +52,10 @@ def read_wandb_records(path: str | os.PathLike[str]) -> list[Any]:
     """Every ``Record`` protobuf in a ``.wandb`` file, in order."""
     from wandb.proto import wandb_internal_pb2 as pb
 
-    data = open(path, "rb").read()
+    with open(path, "rb") as fh:
+        data = fh.read()
+    if len(data) < _HEADER:  # not written yet
+        return []
     ident, magic, version = struct.unpack("<4sHB", data[:_HEADER])
     assert (ident, magic, version) == (b":W&B", 0xBEE1, 0), f"unknown .wandb header {data[:_HEADER]!r}"
     records, pending, pos = [], b"", _HEADER
@@ -64,6 +68,8 @@ def read_wandb_records(path: str | os.PathLike[str]) -> list[Any]:
         if length == 0 and kind == 0:
             pos += left  # zero padding up to the next block
             continue
+        if pos + _HEADER + length > len(data):  # the writer is still at it
+            break
         chunk = data[pos + _HEADER : pos + _HEADER + length]
         assert zlib.crc32(bytes([kind]) + chunk) & 0xFFFFFFFF == crc, f"bad CRC at byte {pos} of {path}"
         pos += _HEADER + length
@@ -76,10 +82,19 @@ def read_wandb_records(path: str | os.PathLike[str]) -> list[Any]:
     return records
 
 
-def read_wandb_run(path: str | os.PathLike[str]) -> WandbRunLog:
-    """History rows by step, the final summary, the config, artifacts and the exit code."""
+def read_wandb_run(path: str | os.PathLike[str], timeout: float = 30.0) -> WandbRunLog:
+    """History rows by step, the final summary, the config, artifacts and the exit code.
+
+    ``run.finish()`` can return before W&B's service has flushed the log to disk (seen on a
+    loaded machine), so this waits up to ``timeout`` seconds for the run's exit record.
+    """
+    deadline = time.monotonic() + timeout
+    records = read_wandb_records(path)
+    while not any(r.WhichOneof("record_type") == "exit" for r in records) and time.monotonic() < deadline:
+        time.sleep(0.05)
+        records = read_wandb_records(path)
     log = WandbRunLog()
-    for record in read_wandb_records(path):
+    for record in records:
         kind = record.WhichOneof("record_type")
         if kind == "run":
             log.run_id = record.run.run_id

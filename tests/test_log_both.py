@@ -59,7 +59,9 @@ def test_one_web_logger_setting_starts_both_and_every_logger_records_the_same_va
     ]
 
 
-def test_a_web_logger_setting_for_one_backend_leaves_the_other_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_web_logger_setting_for_one_backend_leaves_the_other_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("NEPTUNE_DATA_DIRECTORY", str(tmp_path / "neptune"))
     cls = TinyRegressionTrainer.add_on(WandBLoggerAddon, NeptuneLoggerAddon)
     trainer = tiny_trainer(cls, web_logger={"neptune": {"mode": "offline", **QUIET}})
@@ -68,7 +70,9 @@ def test_a_web_logger_setting_for_one_backend_leaves_the_other_off(tmp_path: Pat
     assert len(offline_run_folders(tmp_path / "neptune")) == 1
 
 
-def test_configured_instances_and_argument_order_do_not_matter(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_configured_instances_and_argument_order_do_not_matter(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("NEPTUNE_DATA_DIRECTORY", str(tmp_path / "neptune"))
     results: list[Any] = []
     for order in ((0, 1), (1, 0)):

@@ -30,7 +30,7 @@ def _run_recording_warnings(trainer: Any, epochs: int = 1) -> list[warnings.Warn
 
 
 class Saboteur(AddOn):
-    """After the loggers started (order 150 > 100), makes ``target(trainer)``'s call fail from its 2nd use."""
+    """Runs `patch(trainer)` at RUN_BEGIN, after the loggers started (order 150 > their 100)."""
 
     order = 150
 
@@ -92,7 +92,7 @@ def test_a_backend_failing_anywhere_warns_once_and_training_finishes(fail_in: st
     trainer = tiny_trainer(TinyRegressionTrainer.add_on(Flaky(fail_in=fail_in)))
     caught = _run_recording_warnings(trainer)
     assert len(caught) == 1
-    assert f"Flaky logging failed to" in str(caught[0].message) and "training continues" in str(caught[0].message)
+    assert "Flaky logging failed to" in str(caught[0].message) and "training continues" in str(caught[0].message)
     calls = trainer.get_addon("flaky").calls
     assert calls.count(fail_in) == 1  # disabled after the first failure
     assert calls[-1] == "close" or fail_in == "open"  # what was logged is closed properly
@@ -105,7 +105,9 @@ def test_a_backend_failing_anywhere_warns_once_and_training_finishes(fail_in: st
 # ======================================================================================
 # Real clients
 # ======================================================================================
-def test_wandb_with_an_unreachable_server_falls_back_to_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_wandb_with_an_unreachable_server_falls_back_to_offline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     pytest.importorskip("wandb")
     from logging_readers import read_wandb_run, wandb_run_file
     from zae_trainer.addons.wandb_logger import WandBLoggerAddon
@@ -158,7 +160,9 @@ def test_wandb_raising_mid_run_is_disabled_and_its_run_finished(tmp_path: Path) 
     assert sorted(log.history) == [2] and log.exit_code == 0  # what it had is kept, the run closed
 
 
-def test_neptune_with_an_unreachable_server_falls_back_to_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_neptune_with_an_unreachable_server_falls_back_to_offline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     pytest.importorskip("neptune")
     from zae_trainer.addons.neptune_logger import NeptuneLoggerAddon, offline_run_folders, read_offline_run
 

@@ -114,7 +114,8 @@ def test_a_fresh_run_replaces_files_and_a_resumed_one_drops_records_past_the_che
 
     def build(**manager: Any) -> Any:
         cls = TinyRegressionTrainer.add_on(
-            LocalLoggerAddon(log_dir=log_dir, plot=False, tensorboard=True), StateManagerAddon(save_path=ckpt, **manager)
+            LocalLoggerAddon(log_dir=log_dir, plot=False, tensorboard=True),
+            StateManagerAddon(save_path=ckpt, **manager),
         )
         return tiny_trainer(cls)
 
@@ -158,7 +159,8 @@ def test_other_ranks_write_nothing(tmp_path: Path) -> None:
 
 
 def test_local_logger_passes_the_addon_conformance_suite(tmp_path: Path) -> None:
-    report = check_addon(LocalLoggerAddon, settings={"log_dir": str(tmp_path / "logs"), "plot": False}, workdir=tmp_path)
+    settings = {"log_dir": str(tmp_path / "logs"), "plot": False}
+    report = check_addon(LocalLoggerAddon, settings=settings, workdir=tmp_path)
     assert report["hooks"] == "ok" and report["pickle"] == "ok"
     assert report["sync"] == 0  # not one host read of a tensor between log points
     assert report["state"] == ["ckpt", "safetensors"]

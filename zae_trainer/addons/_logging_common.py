@@ -223,7 +223,7 @@ def run_config(trainer: Any) -> dict[str, Any]:
         "scheduler": type(scheduler).__name__ if scheduler is not None else None,
         "addons": {a.name: _addon_settings(a) for a in trainer.addon_instances},
     }
-    config = to_plain(trainer.config)
+    config: dict[str, Any] = to_plain(trainer.config)
     config["zae_trainer"] = to_plain(info)
     return config
 
@@ -267,7 +267,8 @@ def best_checkpoint_path(trainer: Any) -> str | None:
 
 def _addon_settings(addon: AddOn) -> dict[str, Any]:
     defaults = {k: v for k, v in type(addon).settings().items() if v is not REQUIRED}
-    return to_plain({**defaults, **addon._given_settings})
+    settings: dict[str, Any] = to_plain({**defaults, **addon._given_settings})
+    return settings
 
 
 def to_plain(value: Any, key: str = "") -> Any:

@@ -35,9 +35,9 @@ import os
 import time
 from typing import Any
 
-from ._logging_common import EPOCH_PREFIX, LoggerAddOn
+from ._logging_common import EPOCH_PREFIX, LoggerAddOn, LoggingBackendWarning
 
-__all__ = ["LocalLoggerAddon", "read_jsonl"]
+__all__ = ["LocalLoggerAddon", "read_jsonl", "LoggingBackendWarning"]
 
 PathLike = str | os.PathLike[str]
 

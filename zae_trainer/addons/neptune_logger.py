@@ -35,13 +35,14 @@ from typing import Any, Callable
 
 from ._logging_common import (
     LoggerAddOn,
+    LoggingBackendWarning,
     best_checkpoint_path,
     check_web_logger,
     epoch_record,
     is_finite_number,
 )
 
-__all__ = ["NeptuneLoggerAddon", "read_offline_run", "offline_run_folders"]
+__all__ = ["NeptuneLoggerAddon", "read_offline_run", "offline_run_folders", "LoggingBackendWarning"]
 
 #: zae-engine's spellings in ``web_logger["neptune"]`` -> ``neptune.init_run`` arguments.
 _ZAE_ENGINE_ALIASES = {"project_name": "project", "api_tkn": "api_token"}

@@ -26,9 +26,16 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from ._logging_common import LoggerAddOn, best_checkpoint_path, check_web_logger, epoch_record, run_config
+from ._logging_common import (
+    LoggerAddOn,
+    LoggingBackendWarning,
+    best_checkpoint_path,
+    check_web_logger,
+    epoch_record,
+    run_config,
+)
 
-__all__ = ["WandBLoggerAddon"]
+__all__ = ["WandBLoggerAddon", "LoggingBackendWarning"]
 
 
 class WandBLoggerAddon(LoggerAddOn):
@@ -128,7 +135,7 @@ class WandBLoggerAddon(LoggerAddOn):
         self.run_id = run.id
         self.run_dir = os.path.dirname(run.dir)
         if "config" in kwargs and not isinstance(kwargs["config"], Mapping):  # a Namespace etc.: ours on top
-            run.config.update(self._our_config, allow_val_change=True)
+            run.config.update(self._our_config, allow_val_change=True)  # type: ignore[no-untyped-call]
         return True
 
     def _write_step(self, step: int, record: dict[str, float]) -> None:
