@@ -93,3 +93,11 @@ def test_two_processes_under_a_launcher_match_one_process_with_double_batch(tmp_
             torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=1e-6)
         assert report["metrics"]["valid/loss"] == pytest.approx(reference.epoch_metrics["valid/loss"], rel=1e-5)
         assert report["metrics"]["train/loss"] == pytest.approx(reference.epoch_metrics["train/loss"], rel=1e-5)
+
+
+def test_conformance_in_one_process(tmp_path) -> None:
+    from zae_trainer.testing import check_addon
+
+    # "compose" combines every built-in, precision_mixer included, which this add-on refuses by design.
+    report = check_addon(AccelerateAddon, workdir=tmp_path, skip=("compose",))
+    assert report["sync"] == 0

@@ -150,3 +150,28 @@ def test_unpicklable_arguments_fail_before_any_process_starts() -> None:
     bad = DataLoader(regression_data(8), batch_size=2, collate_fn=lambda b: torch.utils.data.default_collate(b))
     with pytest.raises(TrainerConfigError, match="must pickle.*To fix"):
         trainer.run(1, bad)
+
+
+def test_conformance_in_one_process(tmp_path) -> None:
+    from zae_trainer.testing import check_addon
+
+    report = check_addon(MultiGPUAddon, workdir=tmp_path)
+    assert report["sync"] == 0 and report["pickle"] == "ok"
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(180)
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_two_gpus_with_nccl_match_one_gpu_with_double_batch() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    trainer = TinyRegressionTrainer.add_on(MultiGPUAddon)(
+        model, ["cuda:0", "cuda:1"], "train", torch.optim.SGD(model.parameters(), lr=0.05), log_bar=False,
+        handle_signals=False,
+    )
+    trainer.run(2, loader(48, batch_size=4), loader(20, batch_size=4, seed=7))
+    reference = ddp_trainer()
+    reference.run(2, loader(48, batch_size=8), loader(20, batch_size=8, seed=7))
+    for a, b in zip(params(trainer), params(reference)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert trainer.raw_model.weight.device == torch.device("cuda", 0)
