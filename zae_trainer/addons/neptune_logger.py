@@ -27,6 +27,7 @@ from __future__ import annotations
 import glob
 import importlib.util
 import json
+import logging
 import os
 import threading
 import uuid
@@ -43,6 +44,8 @@ from ._logging_common import (
 )
 
 __all__ = ["NeptuneLoggerAddon", "read_offline_run", "offline_run_folders", "LoggingBackendWarning"]
+
+_log = logging.getLogger("zae_trainer")
 
 #: zae-engine's spellings in ``web_logger["neptune"]`` -> ``neptune.init_run`` arguments.
 _ZAE_ENGINE_ALIASES = {"project_name": "project", "api_tkn": "api_token"}
@@ -262,8 +265,8 @@ def _call_with_timeout(factory: Callable[[], Any], timeout: float) -> Any:
                 return
         try:
             result.stop(seconds=0)
-        except Exception:
-            pass  # nobody is listening any more: the run was replaced by an offline one
+        except Exception as exc:  # nobody is listening any more: the run was replaced by an offline one
+            _log.debug("stopping an abandoned Neptune run raised %r", exc)
 
     threading.Thread(target=target, name="zae-neptune-init", daemon=True).start()
     if not done.wait(timeout):
