@@ -2,7 +2,11 @@
 
 The data ships inside scikit-learn (1,797 8x8 images, no download). 20% is held out for
 validation, stratified and seeded, so the run is reproducible. On 2 CPU cores it takes a few
-seconds and reaches about 0.97-0.98 held-out accuracy.
+seconds and reaches about 0.97 held-out accuracy.
+
+The run folder (``--out``, default ``runs/digits``) receives what the embedded local logger
+writes (``logs/metrics.jsonl``, ``metrics.csv``, TensorBoard files and ``metrics.png`` when
+those packages are installed) and the checkpoints (``ckpt/``, best by validation accuracy).
 
 Run:  python examples/train_digits.py [--epochs 30] [--out runs/digits]
 """
@@ -21,6 +25,7 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from zae_trainer import Trainer  # noqa: E402
+from zae_trainer.addons import GradientClippingAddon, LocalLoggerAddon, StateManagerAddon  # noqa: E402
 
 
 class DigitsTrainer(Trainer):
@@ -67,6 +72,7 @@ def main(argv: list[str] | None = None) -> float:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=os.path.join("runs", "digits"), help="run folder: logs and checkpoints")
     args = parser.parse_args(argv)
 
     torch.manual_seed(args.seed)
@@ -79,22 +85,30 @@ def main(argv: list[str] | None = None) -> float:
     model = make_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
-    trainer = DigitsTrainer(
+    Built = DigitsTrainer.add_on(
+        LocalLoggerAddon(log_dir=os.path.join(args.out, "logs")),
+        StateManagerAddon(save_path=os.path.join(args.out, "ckpt"), keep_top_k=1),
+        GradientClippingAddon(max_norm=5.0),
+    )
+    trainer = Built(
         model,
         device="cpu",
         mode="train",
         optimizer=optimizer,
         scheduler=scheduler,
         log_every_n_steps=10,
+        monitor="valid/acc",
+        monitor_mode="max",
         config=vars(args),
     )
     trainer.run(args.epochs, train_loader, valid_loader)
 
-    trainer.apply_weights()  # the best epoch by validation loss
+    trainer.apply_weights()  # the best epoch by validation accuracy
     predictions = torch.cat(trainer.inference(valid_loader))
     targets = torch.cat([y for _, y in valid_loader])
     accuracy = (predictions == targets).float().mean().item()
     print(f"held-out accuracy: {accuracy:.4f} on {len(targets)} digits (best epoch {trainer.best['epoch']})")
+    print(f"metrics and curves in {os.path.join(args.out, 'logs')}, checkpoints in {os.path.join(args.out, 'ckpt')}")
     return accuracy
 
 

@@ -145,3 +145,10 @@ def test_supervised_trainer_reports_accuracy_and_rejects_other_batch_layouts() -
         trainer.train_step((x, y, y))
     loader = tiny_loader()
     assert loader is not None
+
+
+def test_addons_taking_open_keywords_receive_them_from_a_config() -> None:
+    pytest.importorskip("wandb")
+    trainer = Trainer.from_config(base_config(addons=[{"name": "wandb", "project": "digits", "mode": "offline"}]))
+    addon = trainer.get_addon("wandb")
+    assert addon.init_kwargs == {"project": "digits", "mode": "offline"}  # what wandb.init will get

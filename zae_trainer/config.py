@@ -238,7 +238,8 @@ def _build_addons(entry: Any) -> list[Any]:
             raise ConfigError(path, str(exc.args[0])) from None
         if options:
             accepted = set(cls.settings()) if hasattr(cls, "settings") else set()
-            unknown = sorted(set(options) - accepted)
+            open_ended = getattr(cls, "accepts_any_setting", lambda: False)()  # e.g. wandb.init kwargs
+            unknown = [] if open_ended else sorted(set(options) - accepted)
             if unknown:
                 raise ConfigError(
                     f"{path}.{unknown[0]}",
