@@ -21,6 +21,7 @@ def test_overhead_benchmark_prints_a_ratio_table(tmp_path: Path) -> None:
     lines = proc.stdout.splitlines()
     rows = {line.split()[0] for line in lines[2:]}
     assert {"raw", "zae_trainer"} <= rows
-    zae_row = next(line for line in lines if line.startswith("zae_trainer"))
-    assert zae_row.split()[2].endswith("x")
+    zae_row = next(line for line in lines if line.startswith("zae_trainer "))
+    assert zae_row.split()[-1].endswith("x") and float(zae_row.split()[-1][:-1]) > 0
+    assert any(line.startswith("zae_trainer + 2 add-ons") for line in lines)
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # Lightning wrote no logs here

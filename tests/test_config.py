@@ -43,7 +43,7 @@ def test_objects_are_built_from_names_with_their_options(tmp_path: Path) -> None
             addons=[{"name": "state_manager", "save_path": str(tmp_path / "ckpt"), "save_format": "safetensors"}],
         )
     )
-    assert type(trainer).__name__ == "SupervisedTrainer[StateManagerAddon]"
+    assert type(trainer).__name__ == "SupervisedTrainer[state_manager]"
     assert isinstance(trainer, SupervisedTrainer)
     assert [m.out_features for m in trainer.model if isinstance(m, nn.Linear)] == [16, 10]
     assert isinstance(trainer.optimizer, torch.optim.SGD)

@@ -106,7 +106,7 @@ def test_bad_settings_fail_early() -> None:
 def test_it_decides_before_the_state_manager_records_the_epoch(tmp_path: Path) -> None:
     cls = Scripted.add_on(StateManagerAddon(save_path=str(tmp_path)), EarlyStoppingAddon)
     names = [a.name for a in cls.addons]
-    assert names.index("early_stopping") > names.index("StateManagerAddon")  # so it runs first on EPOCH_END
+    assert names.index("early_stopping") > names.index("state_manager")  # so it runs first on EPOCH_END
     handlers = [fn.__qualname__.split(".")[0] for _, fn in cls._zt_handlers[next(e for e in cls._zt_handlers if e.name == "EPOCH_END")]]
     assert handlers.index("EarlyStoppingAddon") < handlers.index("StateManagerAddon")
 

@@ -98,7 +98,7 @@ def test_declared_order_puts_each_constraint_in_place(tmp_path: Path) -> None:
     declared = [a.name for a in cls.addons]
     at = declared.index
     assert at("nonfinite_guard") < at("precision_mixer") < at("gradient_clipping")  # guard, unscale, clip
-    assert at("StateManagerAddon") < at("early_stopping")  # reversed on EPOCH_END: decide, then save
+    assert at("state_manager") < at("early_stopping")  # reversed on EPOCH_END: decide, then save
     if "local_logger" in declared:
         assert at("throughput") < at(declared[-1]) and at("throughput") < at("local_logger")
 

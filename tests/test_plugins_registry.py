@@ -121,10 +121,10 @@ def test_ordering_and_conflicts_accept_registered_names_and_class_names(referenc
     cls = TinyTrainer.add_on(StateManagerAddon, First)
     trainer = tiny_trainer(cls, save_path=str(tmp_path))
     # StateManagerAddon's order (-100) alone would put it first; the declaration wins
-    assert [a.name for a in trainer.addon_instances] == ["First", "StateManagerAddon"]
+    assert [a.name for a in trainer.addon_instances] == ["First", "state_manager"]
 
     class Clash(AddOn):
         conflicts_with = (reference,)
 
-    with pytest.raises(AddOnDefinitionError, match="'Clash' declares a conflict with 'StateManagerAddon'"):
+    with pytest.raises(AddOnDefinitionError, match="'Clash' declares a conflict with 'state_manager'"):
         TinyTrainer.add_on(Clash, StateManagerAddon)

@@ -86,13 +86,13 @@ def entries() -> dict[str, AddOnEntry]:
 
 
 def aliases_of(cls: type) -> frozenset[str]:
-    """The names ``cls`` answers to in ordering declarations: its ``name`` and its registered names.
+    """The names ``cls`` answers to: its ``name``, its class name and its registered names.
 
     So ``runs_after = ("gradient_clipping",)`` and ``("GradientClippingAddon",)`` mean the same.
     Compared case- and dash-insensitively.
     """
     target = f"{cls.__module__}:{cls.__qualname__}"
-    names = {_normalise(getattr(cls, "name", "") or cls.__name__)}
+    names = {_normalise(getattr(cls, "name", "") or cls.__name__), _normalise(cls.__name__)}
     try:
         table = entries()
     except RuntimeError:  # a name clash between plugins is reported where a name is resolved

@@ -260,9 +260,15 @@ class Trainer(ZaeEngineCompat, metaclass=TrainerMeta):
         return build_trainer(config, cls)
 
     def get_addon(self, addon: str | type) -> AddOn:
-        """This trainer's instance of an add-on, by name or class."""
+        """This trainer's instance of an add-on, by class or by any name it answers to
+        (``"state_manager"``, ``"StateManagerAddon"``)."""
+        from .registry import aliases_of, normalise
+
         for obj in self._zt_addons:
-            if addon == obj.name or (isinstance(addon, type) and isinstance(obj, addon)):
+            if isinstance(addon, type):
+                if isinstance(obj, addon):
+                    return obj
+            elif addon == obj.name or normalise(addon) in aliases_of(type(obj)):
                 return obj
         raise KeyError(f"{type(self).__name__} has no add-on {addon!r}; it has {[a.name for a in self._zt_addons]}")
 

@@ -115,6 +115,7 @@ class StateManagerAddon(AddOn):
     >>> Trainer.add_on(StateManagerAddon(save_path="ckpts", keep_top_k=1))(model, optimizer=opt)  # doctest: +SKIP
     """
 
+    name = "state_manager"
     order = -100  # first on RUN_BEGIN (restore before others read state), last on *_END (after
     # early stopping and schedulers updated the state it records)
     exports = ("save_state", "load_state", "save_model", "apply_weights", "export_weights", "wait_for_checkpoint")

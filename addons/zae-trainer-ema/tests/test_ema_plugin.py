@@ -54,4 +54,4 @@ def test_ema_passes_the_conformance_suite(tmp_path: Path) -> None:
     report = check_addon(EMAAddon, {"decay": 0.9, "warmup": True}, workdir=tmp_path)
     assert report["state"] == ["ckpt", "safetensors"]
     assert report["sync"] == 0
-    assert "StateManagerAddon" in report["compose"]
+    assert "state_manager" in report["compose"]
