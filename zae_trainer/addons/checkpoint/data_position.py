@@ -24,6 +24,8 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from .._loader_copy import loading_settings
+
 __all__ = ["ResumePlan", "capture_epoch_start", "generator_states", "set_generator_states", "is_stateful_loader",
            "SkipBatches", "fast_forward"]
 
@@ -101,19 +103,8 @@ _END = object()
 
 def _rebuild_skipping(loader: DataLoader, skip: int, on_skipped: Callable[[], None]) -> DataLoader:
     """A one-epoch copy of ``loader`` whose batch sampler skips ``skip`` batches of indices."""
-    kwargs: dict[str, Any] = dict(
-        num_workers=loader.num_workers,
-        collate_fn=loader.collate_fn,
-        pin_memory=loader.pin_memory,
-        timeout=loader.timeout,
-        worker_init_fn=loader.worker_init_fn,
-        multiprocessing_context=loader.multiprocessing_context,
-        generator=loader.generator,
-    )
-    if loader.num_workers > 0:
-        kwargs["prefetch_factor"] = loader.prefetch_factor
-    if hasattr(loader, "in_order"):
-        kwargs["in_order"] = loader.in_order
+    kwargs = loading_settings(loader)
+    kwargs["persistent_workers"] = False  # a one-epoch copy: its workers should end with it
     if loader.batch_sampler is not None:
         kwargs["batch_sampler"] = SkipBatches(loader.batch_sampler, skip, on_skipped)
     else:

@@ -24,6 +24,7 @@ from torch.utils.data import (
 )
 
 from ...errors import TrainerConfigError
+from .._loader_copy import loading_settings
 
 __all__ = ["UnpaddedDistributedSampler", "distribute_loader", "distributed_sampler_of"]
 
@@ -122,23 +123,10 @@ def distribute_loader(loader: Any, *, rank: int, world_size: int, train: bool, s
     sampler = sampler_cls(
         loader.dataset, num_replicas=world_size, rank=rank, shuffle=_shuffles(loader), seed=_seed(loader, seed)
     )
-    kwargs: dict[str, Any] = dict(
+    return DataLoader(
+        loader.dataset,
         batch_size=loader.batch_size,
         sampler=sampler,
         drop_last=loader.drop_last,
-        num_workers=loader.num_workers,
-        collate_fn=loader.collate_fn,
-        pin_memory=loader.pin_memory,
-        timeout=loader.timeout,
-        worker_init_fn=loader.worker_init_fn,
-        multiprocessing_context=loader.multiprocessing_context,
-        generator=loader.generator,
-        persistent_workers=loader.persistent_workers,
+        **loading_settings(loader),
     )
-    if loader.num_workers > 0:
-        kwargs["prefetch_factor"] = loader.prefetch_factor
-    if getattr(loader, "pin_memory_device", ""):
-        kwargs["pin_memory_device"] = loader.pin_memory_device
-    if hasattr(loader, "in_order"):
-        kwargs["in_order"] = loader.in_order
-    return DataLoader(loader.dataset, **kwargs)
