@@ -42,10 +42,12 @@ class WandbRunLog:
 
 def wandb_run_file(wandb_dir: str | os.PathLike[str], run_id: str) -> str:
     """The newest ``.wandb`` file of run ``run_id`` under ``wandb_dir`` (resumed runs write one per process)."""
-    found = sorted(glob.glob(os.path.join(os.fspath(wandb_dir), "**", f"run-{run_id}.wandb"), recursive=True))
+    found = glob.glob(os.path.join(os.fspath(wandb_dir), "**", f"run-{run_id}.wandb"), recursive=True)
     if not found:
         raise FileNotFoundError(f"no run-{run_id}.wandb under {wandb_dir}")
-    return found[-1]
+    # By last write, not by name: a run resumed within the same second gets the folder
+    # "offline-run-<time>-<id>-1", which sorts *before* "offline-run-<time>-<id>/".
+    return max(found, key=lambda path: os.stat(path).st_mtime_ns)
 
 
 def read_wandb_records(path: str | os.PathLike[str]) -> list[Any]:
