@@ -25,3 +25,14 @@ def test_overhead_benchmark_prints_a_ratio_table(tmp_path: Path) -> None:
     assert zae_row.split()[-1].endswith("x") and float(zae_row.split()[-1][:-1]) > 0
     assert any(line.startswith("zae_trainer + 2 add-ons") for line in lines)
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # Lightning wrote no logs here
+
+
+def test_instruction_benchmark_child_runs_each_contender_and_checks_its_arguments(tmp_path: Path) -> None:
+    script = SCRIPT.parent / "bench_instructions.py"
+    for kind in ("bare", "loss", "zae"):  # what callgrind runs; valgrind itself is too slow for the suite
+        proc = subprocess.run([sys.executable, str(script), "--child", kind, "3"], capture_output=True, text=True,
+                              timeout=120, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+    proc = subprocess.run([sys.executable, str(script), "--short", "10", "--long", "5"], capture_output=True,
+                          text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2 and "--long must be larger than --short" in proc.stderr
