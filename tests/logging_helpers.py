@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from zae_trainer import AddOn
+from zae_trainer.testing import TinyRegressionTrainer
 
 #: ``neptune.init_run`` options that keep the client's extras (hardware monitoring threads,
 #: stdout capture, git and source snapshots) out of test runs.
@@ -48,3 +49,12 @@ class MetricTap(AddOn):
                 return [(step, epoch) for step, epoch, _ in self.epochs]
             return [(step, m[name]) for step, _, m in self.epochs if name in m]
         return [(step, m[key]) for step, m in self.steps if key in m]
+
+
+class FailsAtStep3(TinyRegressionTrainer):
+    """Raises inside ``train_step`` at the third step: a run a logger must mark failed."""
+
+    def train_step(self, batch: Any) -> dict[str, Any]:
+        if self.progress_checker.step == 2:
+            raise RuntimeError("boom at step 3")
+        return super().train_step(batch)

@@ -9,18 +9,12 @@ import pytest
 
 pytest.importorskip("neptune")
 
-from logging_helpers import QUIET, MetricTap  # noqa: E402
+from logging_helpers import QUIET, FailsAtStep3, MetricTap  # noqa: E402
 from zae_trainer.addons import StateManagerAddon  # noqa: E402
 from zae_trainer.addons.neptune_logger import NeptuneLoggerAddon, offline_run_folders, read_offline_run  # noqa: E402
 from zae_trainer.testing import TinyRegressionTrainer, tiny_loader, tiny_trainer  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
-
-class FailsAtStep3(TinyRegressionTrainer):
-    def train_step(self, batch: Any) -> dict[str, Any]:
-        if self.progress_checker.step == 2:
-            raise RuntimeError("boom at step 3")
-        return super().train_step(batch)
 
 
 @pytest.fixture

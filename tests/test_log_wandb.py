@@ -13,20 +13,13 @@ import pytest
 
 pytest.importorskip("wandb")
 
-from logging_helpers import MetricTap  # noqa: E402
+from logging_helpers import FailsAtStep3, MetricTap  # noqa: E402
 from logging_readers import read_wandb_run, wandb_run_file  # noqa: E402
 from zae_trainer.addons import StateManagerAddon  # noqa: E402
 from zae_trainer.addons.wandb_logger import WandBLoggerAddon  # noqa: E402
 from zae_trainer.testing import TinyRegressionTrainer, tiny_loader, tiny_trainer  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
-
-
-class FailsAtStep3(TinyRegressionTrainer):
-    def train_step(self, batch: Any) -> dict[str, Any]:
-        if self.progress_checker.step == 2:
-            raise RuntimeError("boom at step 3")
-        return super().train_step(batch)
 
 
 @pytest.fixture(scope="module")
