@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .transfer import move_to_device
+from ..transfer import move_to_device
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
-    from .metrics import MetricAccumulator
+    from ..metrics import MetricAccumulator
 
 __all__ = ["ZaeEngineCompat"]
 
