@@ -17,6 +17,7 @@ from .errors import (
 )
 from .events import Event
 from .progress import ProgressChecker
+from .seed import seed_everything
 from .supervised import SupervisedTrainer
 from .trainer import Trainer
 
@@ -26,6 +27,7 @@ __all__ = [
     "Trainer",
     "SupervisedTrainer",
     "ProgressChecker",
+    "seed_everything",
     "Event",
     "AddOn",
     "AddOnBase",

@@ -37,6 +37,7 @@ from .errors import (
 from .events import Event
 from .metrics import MetricAccumulator
 from .progress import ProgressChecker
+from .seed import current_seed
 from .transfer import DeviceLike, move_to_device, resolve_devices
 
 __all__ = ["Trainer", "TrainerMeta"]
@@ -169,6 +170,9 @@ class Trainer(ZaeEngineCompat, metaclass=TrainerMeta):
         self.non_blocking = non_blocking
         self.handle_signals = handle_signals
         self.config: dict[str, Any] = dict(config or {})
+        if "seed" not in self.config and (seeded := current_seed()) is not None:
+            for key, value in seeded.as_config().items():  # recorded with the run by the loggers
+                self.config.setdefault(key, value)
         self._check_optimizer()
 
         self.progress_checker = ProgressChecker()
