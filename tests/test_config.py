@@ -86,17 +86,21 @@ def test_a_yaml_file_with_overrides_trains_the_digits_model(tmp_path: Path) -> N
         ({"optimiser": {"name": "SGD"}}, "optimiser", "did you mean 'optimizer'"),
         ({"optimizer": {"name": "Adamm", "lr": 0.1}}, "optimizer.name", "Did you mean 'Adam'"),
         ({"optimizer": {"lr": 0.1}}, "optimizer.name", "missing"),
-        ({"optimizer": {"name": "SGD", "learning_rate": 0.1}}, "optimizer", "does not accept"),
+        ({"optimizer": {"name": "SGD", "learning_rate": 0.1}}, "optimizer.learning_rate", "has no setting"),
+        ({"optimizer": {"name": "SGD", "lrr": 0.1}}, "optimizer.lrr", "Did you mean 'lr'?"),
         ({"scheduler": {"name": "StepLR"}}, "scheduler", "step_size"),
         ({"loss": {"name": "Linear"}}, "loss.name", "not a loss"),
         ({"loss": {"name": "bce", "label_smoothing": 2.0}}, "loss", "label_smoothing must be in"),
         ({"addons": ["no_such_addon"]}, "addons[0]", "no_such_addon"),
-        ({"addons": [{"name": "state_manager", "save_pth": "x"}]}, "addons[0].save_pth", "save_path"),
+        ({"addons": [{"name": "state_manager", "save_pth": "x"}]}, "addons[0].save_pth", "Did you mean 'save_path'?"),
         ({"model": "examples.digits_factories:make_modle"}, "model", "has no attribute"),
         ({"model": "no_such_package.models:Net"}, "model", "cannot import"),
-        ({"model_args": {"width": 3}}, "model", "does not accept"),
+        ({"model_args": {"width": 3}}, "model_args.width", "has no setting 'width'"),
         ({"model": None}, "model", "missing"),
-        ({"trainer": {"device": "cpu", "log_every_n_step": 5}}, "trainer", "log_every_n_steps"),
+        ({"trainer": {"device": "cpu", "log_every_n_step": 5}}, "trainer.log_every_n_step", "log_every_n_steps"),
+        ({"trainer": {"device": "cpu", "log_every_n_steps": "ten"}}, "trainer.log_every_n_steps", "'ten'"),
+        ({"trainer": {"device": "cpu", "monitor_mode": "maximum"}}, "trainer.monitor_mode", "'max'"),
+        ({"scheduler": {"name": "StepLR", "step_size": 2, "gama": 0.5}}, "scheduler.gama", "Did you mean 'gamma'?"),
     ],
 )
 def test_invalid_configs_name_the_key_path(changes: dict[str, Any], path: str, words: str) -> None:
@@ -152,3 +156,76 @@ def test_addons_taking_open_keywords_receive_them_from_a_config() -> None:
     trainer = Trainer.from_config(base_config(addons=[{"name": "wandb", "project": "digits", "mode": "offline"}]))
     addon = trainer.get_addon("wandb")
     assert addon.init_kwargs == {"project": "digits", "mode": "offline"}  # what wandb.init will get
+
+
+def test_yaml_and_overrides_read_exponent_numbers_as_floats(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        "model: examples.digits_factories:make_model\n"
+        "optimizer: {name: AdamW, lr: 3e-3, weight_decay: 1e-4, eps: 1.0e-8}\n"
+        "trainer: {device: cpu, log_bar: false}\n"
+    )
+    config = load_config(path)
+    assert config["optimizer"] == {"name": "AdamW", "lr": 0.003, "weight_decay": 0.0001, "eps": 1e-8}
+    apply_overrides(config, ["optimizer.lr=5e-4", "optimizer.betas=[0.9, 9.99e-1]", "model_args.hidden=1_6"])
+    assert config["optimizer"]["lr"] == 5e-4 and isinstance(config["optimizer"]["lr"], float)
+    assert config["optimizer"]["betas"] == [0.9, 0.999] and config["model_args"]["hidden"] == 16
+    trainer = Trainer.from_config(config)
+    assert trainer.optimizer.param_groups[0]["lr"] == 5e-4
+    assert trainer.optimizer.param_groups[0]["betas"] == (0.9, 0.999)
+    # words that only look numeric stay strings
+    apply_overrides(config, ["config.tag=1e", "config.run=e3"])
+    assert config["config"] == {"tag": "1e", "run": "e3"}
+
+
+def test_a_misspelt_optimizer_setting_suggests_the_name_and_lists_valid_ones_as_valid() -> None:
+    with pytest.raises(ConfigError) as info:
+        Trainer.from_config(base_config(optimizer={"name": "AdamW", "lrr": 0.1, "weight_decay": 0.01}))
+    message = str(info.value)
+    assert info.value.path == "optimizer.lrr"
+    assert "AdamW has no setting 'lrr'. Did you mean 'lr'?" in message
+    valid = message.split("Valid settings: ", 1)[1]
+    assert "'lr'" in valid and "'weight_decay'" in valid and "'params'" not in valid
+    assert "weight_decay" not in message.split("Valid settings")[0]  # a valid key is never called rejected
+
+
+def test_import_paths_resolve_beside_the_config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "project"
+    (folder / "nets").mkdir(parents=True)
+    (folder / "beside_config_models.py").write_text(
+        "from torch import nn\n\ndef make(width=4):\n    return nn.Linear(3, width)\n"
+    )
+    (folder / "nets" / "tiny_net_file.py").write_text(
+        "from torch import nn\n\nclass Net(nn.Sequential):\n    def __init__(self):\n"
+        "        super().__init__(nn.Linear(3, 2))\n"
+    )
+    (folder / "a.yaml").write_text(
+        "model: beside_config_models:make\nmodel_args: {width: 5}\noptimizer: SGD\nscheduler: null\n"
+        "trainer: {device: cpu, log_bar: false}\n"
+    )
+    (folder / "b.yaml").write_text("model: nets/tiny_net_file.py:Net\noptimizer: {name: SGD, lr: 0.1}\n")
+    monkeypatch.chdir(tmp_path)  # not the config's folder
+    monkeypatch.setattr("sys.path", list(__import__("sys").path))
+    # a dict has no folder: the module is not found, and the error says where it looked
+    with pytest.raises(ConfigError, match=r"config\.model: cannot import module 'beside_config_models'"):
+        Trainer.from_config(load_config(folder / "a.yaml"))
+    trainer = Trainer.from_config(folder / "a.yaml")  # a file: its folder is searched
+    assert trainer.model.out_features == 5
+    trainer = Trainer.from_config(folder / "b.yaml")  # a .py path relative to the config
+    assert type(trainer.model).__name__ == "Net"
+    with pytest.raises(ConfigError, match=r"config\.model: .*no file"):
+        Trainer.from_config(dict(base_config(), model="nets/missing.py:Net"))
+
+
+def test_errors_inside_the_users_factories_keep_their_type_and_traceback(tmp_path: Path) -> None:
+    (tmp_path / "broken_user_factories.py").write_text(
+        "def make_model():\n    raise ValueError('shape mismatch in my model')\n\n"
+        "def make_data():\n    import this_dependency_is_not_installed_anywhere\n"
+    )
+    (tmp_path / "c.yaml").write_text("model: broken_user_factories:make_model\noptimizer: SGD\n")
+    with pytest.raises(ValueError, match="shape mismatch in my model") as info:
+        Trainer.from_config(tmp_path / "c.yaml")
+    assert not isinstance(info.value, ConfigError)
+    assert any(entry.name == "make_model" for entry in info.traceback)
+    with pytest.raises(ModuleNotFoundError, match="this_dependency_is_not_installed_anywhere"):
+        build_data({"data": "broken_user_factories:make_data"}, base_dir=tmp_path)
