@@ -50,6 +50,11 @@ class MetricTap(AddOn):
             return [(step, m[name]) for step, _, m in self.epochs if name in m]
         return [(step, m[key]) for step, m in self.steps if key in m]
 
+    def expected_epoch_series(self, key: str) -> list[tuple[int, float]]:
+        """``[(epoch, value)]`` for an epoch key (``epoch/<name>``): epoch metrics against the 1-based epoch."""
+        name = key[len("epoch/"):]
+        return [(epoch, m[name]) for _, epoch, m in self.epochs if name in m]
+
 
 class FailsAtStep3(TinyRegressionTrainer):
     """Raises inside ``train_step`` at the third step: a run a logger must mark failed."""

@@ -29,15 +29,36 @@ class WandbRunLog:
     """The parts of a W&B run log the tests assert on."""
 
     run_id: str = ""
-    history: dict[int, dict[str, Any]] = field(default_factory=dict)  # step -> values (no _-keys)
+    rows: list[dict[str, Any]] = field(default_factory=list)  # history rows in order, ``_step`` kept
+    axes: dict[str, str] = field(default_factory=dict)  # metric -> declared step metric (define_metric)
+    glob_axes: dict[str, str] = field(default_factory=dict)  # "prefix*" -> step metric
     summary: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     artifacts: list[dict[str, Any]] = field(default_factory=list)
     exit_code: int | None = None
     resumed: bool = False
 
-    def series(self, key: str) -> list[tuple[int, Any]]:
-        return [(step, row[key]) for step, row in sorted(self.history.items()) if key in row]
+    def axis(self, key: str) -> str:
+        """The x-axis W&B plots ``key`` against: its declared step metric, else ``_step``."""
+        if key in self.axes:
+            return self.axes[key]
+        for pattern, axis in sorted(self.glob_axes.items(), key=lambda kv: -len(kv[0])):
+            if key.startswith(pattern[:-1]) and key != axis:
+                return axis
+        return "_step"
+
+    def series(self, key: str) -> list[tuple[Any, Any]]:
+        """``[(x, value)]`` of ``key`` in row order, x on the key's declared axis."""
+        axis = self.axis(key)
+        return [(row.get(axis), row[key]) for row in self.rows if key in row]
+
+    def steps(self) -> list[int]:
+        """The ``trainer/step`` of every row that holds a step metric (``train/loss``)."""
+        return [row["trainer/step"] for row in self.rows if "train/loss" in row]
+
+    def keys(self) -> set[str]:
+        """Every user-visible key logged (W&B's own ``_``-keys left out)."""
+        return {k for row in self.rows for k in row if not k.startswith("_")}
 
 
 def wandb_run_file(wandb_dir: str | os.PathLike[str], run_id: str) -> str:
@@ -85,7 +106,7 @@ def read_wandb_records(path: str | os.PathLike[str]) -> list[Any]:
 
 
 def read_wandb_run(path: str | os.PathLike[str], timeout: float = 30.0) -> WandbRunLog:
-    """History rows by step, the final summary, the config, artifacts and the exit code.
+    """History rows, declared axes, the final summary, the config, artifacts and the exit code.
 
     ``run.finish()`` can return before W&B's service has flushed the log to disk (seen on a
     loaded machine), so this waits up to ``timeout`` seconds for the run's exit record.
@@ -107,11 +128,17 @@ def read_wandb_run(path: str | os.PathLike[str], timeout: float = 30.0) -> Wandb
             for item in record.config.update:
                 log.config[_key(item)] = json.loads(item.value_json)
         elif kind == "history":
-            row = log.history.setdefault(record.history.step.num, {})
+            row = {"_step": record.history.step.num}
             for item in record.history.item:
                 name = _key(item)
-                if not name.startswith("_"):
+                if not name.startswith("_") or name == "_step":
                     row[name] = json.loads(item.value_json)
+            log.rows.append(row)
+        elif kind == "metric":
+            if record.metric.glob_name:
+                log.glob_axes[record.metric.glob_name] = record.metric.step_metric
+            elif record.metric.step_metric:
+                log.axes[record.metric.name] = record.metric.step_metric
         elif kind == "summary":
             for item in record.summary.update:
                 log.summary[_key(item)] = json.loads(item.value_json)

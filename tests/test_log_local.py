@@ -41,6 +41,10 @@ def test_jsonl_holds_every_log_point_and_epoch_exactly(logged: tuple[Path, Any, 
     # 48 samples / 8 per batch = 6 steps per epoch, logged every 2 steps
     assert [r["step"] for r in steps] == [2, 4, 6, 8, 10, 12]
     assert [(r["step"], r["epoch"]) for r in epochs] == [(6, 1), (12, 2)]
+    # one convention: epochs are 1-based in both kinds of row (a step row names the epoch it is in)
+    assert [(r["step"], r["epoch"]) for r in steps] == [(2, 1), (4, 1), (6, 1), (8, 2), (10, 2), (12, 2)]
+    times = [r["time"] for r in records]
+    assert times == sorted(times) and times[0] > 0
     assert len(tap.steps) == len(steps) and len(trainer.history) == len(epochs)
     for record, (step, expected) in zip(steps, tap.steps):
         assert record["step"] == step
@@ -102,11 +106,23 @@ def test_plot_and_tensorboard_can_be_turned_off(tmp_path: Path) -> None:
     assert sorted(os.listdir(tmp_path)) == ["config.json", "metrics.csv", "metrics.jsonl", "summary.json"]
 
 
+def test_plots_are_opt_in_even_with_matplotlib_installed(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    _train(tmp_path, epochs=1, tensorboard=False)
+    assert "metrics.png" not in os.listdir(tmp_path)
+    assert LocalLoggerAddon(log_dir=tmp_path).plot is False
+    with pytest.raises(TypeError, match="plot must be True or False"):
+        LocalLoggerAddon(log_dir=tmp_path, plot="yes")  # type: ignore[arg-type]
+
+
 def test_asking_for_a_missing_optional_package_fails_at_construction(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(local_module.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ImportError, match="pip install zae_trainer\\[plot\\]"):
         LocalLoggerAddon(log_dir="unused", plot=True)
-    assert LocalLoggerAddon(log_dir="unused").plot is False  # None: only when installed
+    assert LocalLoggerAddon(log_dir="unused").plot is False  # off unless asked for
+    with pytest.raises(ImportError, match="pip install zae_trainer\\[tensorboard\\]"):
+        LocalLoggerAddon(log_dir="unused", tensorboard=True)
+    assert LocalLoggerAddon(log_dir="unused").tensorboard is False  # None: only when installed
 
 
 def test_a_fresh_run_replaces_files_and_a_resumed_one_drops_records_past_the_checkpoint(tmp_path: Path) -> None:

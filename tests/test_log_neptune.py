@@ -53,7 +53,7 @@ def test_config_summary_and_checkpoint_fields(first_run: dict[str, Any]) -> None
     fields, trainer = first_run["data"]["fields"], first_run["trainer"]
     assert fields["config/lr"] == 0.05
     assert fields["config/zae_trainer/optimizer/class"] == "SGD"
-    assert fields["config/zae_trainer/addons/neptune/web_logger/neptune/api_tkn"] == "<redacted>"
+    assert fields["config/zae_trainer/addons/neptune_logger/web_logger/neptune/api_tkn"] == "<redacted>"
     assert "not-a-real-token" not in repr(fields)
     assert fields["summary/status"] == "finished" and fields["summary/steps"] == 12
     assert fields["summary/best/value"] == trainer.best["value"] and fields["summary/best/epoch"] == 2
@@ -64,7 +64,8 @@ def test_config_summary_and_checkpoint_fields(first_run: dict[str, Any]) -> None
 
 def test_the_run_id_is_kept_for_resuming(first_run: dict[str, Any], neptune_dir: Path) -> None:
     first = first_run["addon"]
-    assert first.state_dict() == {"run_id": first.run_id, "custom_run_id": first.custom_run_id}
+    assert first.state_dict() == {"run_id": first.run_id, "custom_run_id": first.custom_run_id,
+                                  "seconds": first_run["trainer"].summary.seconds}
     assert first.custom_run_id and len(first.custom_run_id) == 32
     cls = TinyRegressionTrainer.add_on(
         NeptuneLoggerAddon(mode="offline", resume_run=True, **QUIET),

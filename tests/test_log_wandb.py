@@ -30,20 +30,29 @@ def first_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     cls = TinyRegressionTrainer.add_on(wandb_addon, StateManagerAddon(save_path=root / "ckpt"), MetricTap)
     trainer = tiny_trainer(cls, config={"lr": 0.05, "batch_size": 8})
     trainer.run(2, tiny_loader(), tiny_loader(16, seed=7))
-    addon = trainer.get_addon("wandb")
+    addon = trainer.get_addon("wandb_logger")
     return {"root": root, "trainer": trainer, "tap": trainer.get_addon(MetricTap), "addon": addon,
             "log": read_wandb_run(wandb_run_file(root, addon.run_id))}
 
 
-def test_step_and_epoch_metrics_arrive_with_exact_names_values_and_steps(first_run: dict[str, Any]) -> None:
+def test_step_and_epoch_metrics_arrive_with_exact_names_values_and_declared_axes(first_run: dict[str, Any]) -> None:
     log, tap = first_run["log"], first_run["tap"]
     assert log.run_id == first_run["addon"].run_id
-    assert sorted(log.history) == [2, 4, 6, 8, 10, 12]
-    keys = ("train/loss", "train/mae", "lr", "epoch/index", "epoch/train/loss", "epoch/valid/loss", "epoch/valid/mae")
-    for key in keys:
+    assert log.steps() == [2, 4, 6, 8, 10, 12]
+    for key in ("train/loss", "train/mae", "lr"):
+        assert log.axis(key) == "trainer/step", key
         assert log.series(key) == tap.expected_series(key), key
+    for key in ("epoch/train/loss", "epoch/valid/loss", "epoch/valid/mae"):
+        assert log.axis(key) == "epoch/index", key
+        assert log.series(key) == tap.expected_epoch_series(key), key
+    assert log.axis("epoch/index") == "trainer/step"
     assert log.series("epoch/index") == [(6, 1), (12, 2)]
-    assert set().union(*log.history.values()) == {*keys, "epoch/train/mae"}  # nothing else, nothing renamed
+    assert log.glob_axes == {"*": "trainer/step"}  # the add-on's own run: the user's rows follow the step too
+    assert all("_step" in row for row in log.rows) and [r["_step"] for r in log.rows] == sorted(
+        r["_step"] for r in log.rows)  # no explicit step=: W&B's own counter only grows
+    keys = {"train/loss", "train/mae", "lr", "epoch/index", "epoch/train/loss", "epoch/train/mae", "epoch/valid/loss",
+            "epoch/valid/mae", "trainer/step"}
+    assert log.keys() == keys  # nothing else, nothing renamed
 
 
 def test_config_holds_the_run_configuration_without_secrets(first_run: dict[str, Any]) -> None:
@@ -52,13 +61,14 @@ def test_config_holds_the_run_configuration_without_secrets(first_run: dict[str,
     ours = config["zae_trainer"]
     assert ours["optimizer"]["class"] == "SGD" and ours["optimizer"]["lr"] == 0.05
     assert ours["trainer"]["log_every_n_steps"] == 2 and ours["model"]["parameters"] == 4
-    assert ours["addons"]["wandb"]["project"] == "zt-tests"
+    assert ours["addons"]["wandb_logger"]["project"] == "zt-tests"
 
 
 def test_summary_exit_code_and_best_checkpoint_artifact(first_run: dict[str, Any]) -> None:
     log, trainer = first_run["log"], first_run["trainer"]
     summary = log.summary
     assert (summary["status"], summary["epochs"], summary["steps"], summary["samples"]) == ("finished", 2, 12, 96)
+    assert summary["seconds"] == summary["process_seconds"] == trainer.summary.seconds  # a fresh run: one process
     assert summary["best/metric"] == "valid/loss"
     assert (summary["best/value"], summary["best/epoch"]) == (trainer.best["value"], trainer.best["epoch"])
     assert log.exit_code == 0
@@ -77,12 +87,14 @@ def test_a_resumed_training_continues_the_same_run_on_the_same_step_axis(first_r
     )
     trainer = tiny_trainer(cls)
     trainer.run(3, tiny_loader(), tiny_loader(16, seed=7))  # 3 in all: one more epoch
-    addon = trainer.get_addon("wandb")
+    addon = trainer.get_addon("wandb_logger")
     assert addon.run_id == first_run["addon"].run_id
     newest = read_wandb_run(wandb_run_file(root, addon.run_id))
-    assert sorted(newest.history) == [14, 16, 18]
+    assert newest.resumed or newest.run_id == addon.run_id
+    assert newest.steps() == [14, 16, 18]
     assert newest.series("train/loss") == trainer.get_addon(MetricTap).expected_series("train/loss")
     assert newest.series("epoch/index") == [(18, 3)]
+    assert newest.series("epoch/valid/loss") == [(3, trainer.epoch_metrics["valid/loss"])]
 
 
 def test_a_run_that_raises_is_marked_failed(tmp_path: Path) -> None:
@@ -92,12 +104,12 @@ def test_a_run_that_raises_is_marked_failed(tmp_path: Path) -> None:
         trainer.run(1, tiny_loader())
     log = read_wandb_run(wandb_run_file(tmp_path, trainer.get_addon("wandb").run_id))
     assert log.exit_code == 1
-    assert sorted(log.history) == [2] and log.summary["status"] == "failed"
+    assert log.steps() == [2] and log.summary["status"] == "failed"
 
 
 def test_settings_are_checked_at_construction() -> None:
-    with pytest.raises(ValueError, match="unknown backend.*'mlflow'"):
-        WandBLoggerAddon(web_logger={"mlflow": {}})
+    with pytest.raises(ValueError, match="unknown backend.*'comet'"):
+        WandBLoggerAddon(web_logger={"comet": {}})
     with pytest.raises(TypeError, match="must be a dict"):
         WandBLoggerAddon(web_logger="wandb")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="init_timeout"):

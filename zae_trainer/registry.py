@@ -35,6 +35,7 @@ BUILTIN_ADDONS: dict[str, str] = {
     "local_logger": "zae_trainer.addons.local_logger:LocalLoggerAddon",
     "wandb": "zae_trainer.addons.wandb_logger:WandBLoggerAddon",
     "neptune": "zae_trainer.addons.neptune_logger:NeptuneLoggerAddon",
+    "mlflow": "zae_trainer.addons.mlflow_logger:MLflowLoggerAddon",
     "multi_gpu": "zae_trainer.addons.multi_gpu:MultiGPUAddon",
     "accelerate": "zae_trainer.addons.accelerate:AccelerateAddon",
 }

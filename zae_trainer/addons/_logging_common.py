@@ -11,8 +11,20 @@ backend only writes records:
   earlier add-ons added: ``train/grad_norm``, ``throughput/*``) and the learning rate(s), at
   step ``progress_checker.step``;
 * ``EPOCH_END`` — the epoch metrics (``train/*``, ``valid/*``), at the same step axis;
-* ``RUN_END`` — the summary (:func:`run_summary`), then the backend closes, marked failed
-  when ``EXCEPTION`` fired.
+* ``RUN_END`` — the summary (:func:`run_summary`), then the backend closes with the run's
+  outcome: ``"finished"``, ``"failed"`` (``EXCEPTION`` fired) or ``"interrupted"``
+  (``INTERRUPT``: SIGINT/SIGTERM), which each backend marks its own way.
+
+Conventions every logger follows (what a user reads in any backend):
+
+* epochs are 1-based wherever they appear: a step row logged during the first epoch says
+  ``epoch 1``, and the row written when that epoch ends says ``epoch 1`` too;
+* the run's clock (:attr:`LoggerAddOn.run_seconds`, the local logger's ``time`` column, the
+  summary's ``seconds``) counts training seconds since the run's first start, carried across
+  resumes through the checkpoint (each logger keeps ``{"seconds": ...}`` in its state), so it
+  continues where the restored checkpoint left off; time a crashed process spent after its
+  last checkpoint, and time between processes, are not counted. The summary's
+  ``process_seconds`` is the last ``run()`` call alone.
 
 Why the base class catches every backend error: experiment tracking must never kill a run. A
 backend that raises is disabled for the rest of the run with one
@@ -30,6 +42,8 @@ import logging
 import math
 import os
 import re
+import threading
+import time
 import warnings
 from collections.abc import Mapping
 from typing import Any, Callable, ClassVar
@@ -50,6 +64,9 @@ __all__ = [
     "best_checkpoint_path",
     "is_finite_number",
     "EPOCH_PREFIX",
+    "OUTCOMES",
+    "is_secret_key",
+    "call_with_timeout",
 ]
 
 _log = logging.getLogger("zae_trainer")
@@ -59,8 +76,16 @@ _log = logging.getLogger("zae_trainer")
 #: Epoch metrics therefore go under this prefix there (``epoch/valid/loss``).
 EPOCH_PREFIX = "epoch/"
 
-_SECRET = re.compile(r"token|tkn|key|secret|password|credential", re.IGNORECASE)
+#: Credentials, matched as whole words of a key (``hf_token``, ``apiKey``, ``db_password``),
+#: so that hyperparameters that merely contain the letters (``key_dim``, ``monkey``,
+#: ``max_tokens``, ``tokenizer``, ``author``) are logged as they are.
+_SECRET = re.compile(
+    r"(?:^|_)(?:token|tkn|secret|secrets|password|passwd|passphrase|pwd|credential|credentials|auth"
+    r"|api_?key|access_?key|private_?key|secret_?key|client_?secret)(?:_|$)"
+)
 _WEB_BACKENDS = ("wandb", "neptune")
+#: The outcomes a backend is closed with.
+OUTCOMES = ("finished", "failed", "interrupted")
 
 
 class LoggingBackendWarning(RuntimeWarning):
@@ -72,6 +97,8 @@ class LoggerAddOn(AddOn):
 
     Subclasses implement ``_open``, ``_write_step``, ``_write_epoch`` and ``_close``, and may
     override ``_write_config`` and ``_write_summary``. None of them needs to catch anything.
+    A subclass with state of its own extends :meth:`state_dict` / :meth:`load_state_dict`
+    (``{**super().state_dict(), ...}``), so the run clock travels with it.
     """
 
     order = 100
@@ -82,6 +109,27 @@ class LoggerAddOn(AddOn):
         self._active = False  # a backend session is open and healthy
         self._warned = False  # this run already warned once
         self._failed_run = False
+        self._interrupted = False
+        #: The signal that interrupted the last run (``INTERRUPT``), else None.
+        self.interrupt_signal: int | None = None
+        self._seconds_before = 0.0  # run seconds before this run() call (restored on resume)
+        self._clock_started: float | None = None  # perf_counter() at this run()'s RUN_BEGIN
+
+    # -- the run clock ----------------------------------------------------------------
+    @property
+    def run_seconds(self) -> float:
+        """Training seconds since the run's first start, across resumes (see the module doc)."""
+        if self._clock_started is None:
+            return self._seconds_before
+        return self._seconds_before + (time.perf_counter() - self._clock_started)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seconds": self.run_seconds}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._seconds_before = float(state.get("seconds", 0.0))
+        if self._clock_started is not None:  # restored at RUN_BEGIN: the clock restarts from it
+            self._clock_started = time.perf_counter()
 
     # -- what subclasses write ------------------------------------------------------
     def _open(self, trainer: Any) -> bool:
@@ -100,7 +148,8 @@ class LoggerAddOn(AddOn):
     def _write_summary(self, trainer: Any, summary: dict[str, Any]) -> None:
         """Record the final summary (before ``_close``)."""
 
-    def _close(self, failed: bool) -> None:
+    def _close(self, outcome: str) -> None:
+        """End the backend's session; ``outcome`` is one of :data:`OUTCOMES`."""
         raise NotImplementedError
 
     # -- hooks ----------------------------------------------------------------------
@@ -109,6 +158,12 @@ class LoggerAddOn(AddOn):
             return
         self._warned = False
         self._failed_run = False
+        self._interrupted = False
+        self.interrupt_signal = None
+        pc = trainer.progress_checker
+        if pc.step == 0 and pc.epoch == 0 and pc.batches == 0:  # a fresh run: its clock starts at 0
+            self._seconds_before = 0.0
+        self._clock_started = time.perf_counter()
         opened = self._guarded("start", self._open, trainer)
         if opened:
             self._active = True
@@ -130,14 +185,30 @@ class LoggerAddOn(AddOn):
     def on_exception(self, trainer: Any, exception: BaseException) -> None:
         self._failed_run = True
 
+    def on_interrupt(self, trainer: Any, signum: int) -> None:
+        self._interrupted = True
+        self.interrupt_signal = int(signum)
+
     def on_run_end(self, trainer: Any) -> None:
+        # The trainer timed this run() call; on top of what earlier processes trained, that is
+        # the run's total, and a fresh run's total equals its process_seconds exactly.
+        process = getattr(trainer.summary, "seconds", None)
+        seconds = self._seconds_before + process if is_finite_number(process) else self.run_seconds
+        self._seconds_before, self._clock_started = seconds, None  # a later run() continues the clock
         if not self._active:
             return
-        failed = self._failed_run or trainer.summary.status == "failed"
-        self._guarded("record the summary", self._write_summary, trainer, run_summary(trainer))
+        status = trainer.summary.status
+        if self._failed_run or status == "failed":
+            outcome = "failed"
+        elif self._interrupted or status == "interrupted":
+            outcome = "interrupted"
+        else:
+            outcome = "finished"
+        summary = run_summary(trainer, seconds)
+        self._guarded("record the summary", self._write_summary, trainer, summary)
         if self._active:
             self._active = False
-            self._guarded("finish the run", self._close, failed)
+            self._guarded("finish the run", self._close, outcome)
 
     # -- fault isolation --------------------------------------------------------------
     def _guarded(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
@@ -157,7 +228,7 @@ class LoggerAddOn(AddOn):
         self._warn(message)
         if was_active:  # end the backend's session so what it already has is kept
             try:
-                self._close(False)
+                self._close("finished")
             except Exception as close_exc:
                 _log.debug("%s: closing after a failure raised %r", self.backend, close_exc)
 
@@ -195,8 +266,9 @@ def epoch_record(epoch: int, metrics: Mapping[str, float]) -> dict[str, float]:
 def run_config(trainer: Any) -> dict[str, Any]:
     """The run's configuration: ``trainer.config`` at the top level, the rest under ``zae_trainer``.
 
-    Only plain values; anything whose key looks like a secret (token, key, password) is
-    replaced by ``"<redacted>"`` so an API token never reaches a dashboard.
+    Only plain values; a value whose key names a credential (:func:`is_secret_key`: token,
+    secret, password, api_key, ...) is replaced by ``"<redacted>"`` so an API token never
+    reaches a dashboard, while hyperparameters such as ``key_dim`` are kept.
     """
     model = trainer.raw_model
     optimizer = trainer.optimizer
@@ -208,7 +280,6 @@ def run_config(trainer: Any) -> dict[str, Any]:
             "world_size": trainer.world_size,
             "log_every_n_steps": trainer.log_every_n_steps,
             "accumulate_grad_batches": trainer.accumulate_grad_batches,
-            "gradient_clip": trainer.gradient_clip,
             "monitor": trainer.monitor,
             "monitor_mode": trainer.monitor_mode,
         },
@@ -228,15 +299,21 @@ def run_config(trainer: Any) -> dict[str, Any]:
     return config
 
 
-def run_summary(trainer: Any) -> dict[str, Any]:
-    """The final numbers of a run (from ``trainer.summary``), flat, plain values."""
+def run_summary(trainer: Any, seconds: float | None = None) -> dict[str, Any]:
+    """The final numbers of a run (from ``trainer.summary``), flat, plain values.
+
+    ``epochs``, ``steps``, ``samples`` and ``seconds`` cover the whole run, across resumes
+    (``seconds``: the loggers' run clock when given); ``process_seconds`` covers the last
+    ``run()`` call alone.
+    """
     s = trainer.summary
     return {
         "status": s.status,
         "epochs": s.epochs,
         "steps": s.steps,
         "samples": s.samples,
-        "seconds": s.seconds,
+        "seconds": s.seconds if seconds is None else seconds,
+        "process_seconds": s.seconds,
         "stop_reason": s.stop_reason,
         "best/metric": s.monitor,
         "best/value": s.best_value,
@@ -271,9 +348,25 @@ def _addon_settings(addon: AddOn) -> dict[str, Any]:
     return settings
 
 
+def is_secret_key(key: str) -> bool:
+    """Whether a setting named ``key`` holds a credential, judged by its words.
+
+    ``api_key``, ``apiKey``, ``hf_token``, ``db_password``, ``client_secret``, ``basic_auth``
+    are; ``key_dim``, ``monkey``, ``max_tokens``, ``tokenizer``, ``author`` are not.
+
+    Examples
+    --------
+    >>> [is_secret_key(k) for k in ("api_tkn", "apiKey", "key_dim", "monkey", "max_tokens")]
+    [True, True, False, False, False]
+    """
+    words = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", key)  # camelCase -> camel_Case
+    words = re.sub(r"[^a-z0-9]+", "_", words.lower())
+    return _SECRET.search(words) is not None
+
+
 def to_plain(value: Any, key: str = "") -> Any:
-    """``value`` as JSON-able plain data (str keys), secrets redacted by key name."""
-    if key and _SECRET.search(key) and value is not None and not isinstance(value, (Mapping, bool)):
+    """``value`` as JSON-able plain data (str keys), credentials redacted by key name."""
+    if key and is_secret_key(key) and value is not None and not isinstance(value, (Mapping, bool)):
         return "<redacted>"
     if value is None or isinstance(value, (bool, int, str)):
         return value
@@ -333,3 +426,47 @@ def _number(value: Any) -> float | None:
 def is_finite_number(value: Any) -> bool:
     """True for an int or a finite float (not bool)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def call_with_timeout(
+    factory: Callable[[], Any], timeout: float, what: str, cleanup: Callable[[Any], None] | None = None
+) -> Any:
+    """``factory()`` in a helper thread; ``TimeoutError`` naming ``what`` after ``timeout`` seconds.
+
+    Why: clients retry an unreachable server for a minute or more, and training must not
+    wait that long. The abandoned call keeps running in its daemon thread; if it completes
+    later, ``cleanup(result)`` runs there (stop the run it created), and its errors go to the
+    ``zae_trainer`` logger.
+    """
+    lock = threading.Lock()
+    done = threading.Event()
+    box: dict[str, Any] = {}
+    abandoned = False
+
+    def target() -> None:
+        try:
+            result = factory()
+        except BaseException as exc:  # handed to the caller below
+            box["error"] = exc
+            done.set()
+            return
+        with lock:
+            if not abandoned:
+                box["result"] = result
+                done.set()
+                return
+        if cleanup is not None:
+            try:
+                cleanup(result)
+            except Exception as exc:  # nobody is listening any more
+                _log.debug("cleaning up after an abandoned %s raised %r", what, exc)
+
+    threading.Thread(target=target, name=f"zae-{what}", daemon=True).start()
+    if not done.wait(timeout):
+        with lock:
+            if not done.is_set():
+                abandoned = True
+                raise TimeoutError(f"{what} did not return within {timeout:g} s")
+    if "error" in box:
+        raise box["error"]
+    return box["result"]

@@ -3,19 +3,29 @@
 In ``log_dir`` it writes
 
 * ``metrics.jsonl`` — one JSON object per record, appended and flushed as it happens, so a
-  crash loses nothing already logged. ``{"kind": "step", "step": 20, "epoch": 0, "time": 1.9,
+  crash loses nothing already logged. ``{"kind": "step", "step": 20, "epoch": 1, "time": 1.9,
   "train/loss": 0.41, "lr": 0.1}`` at each log point; ``{"kind": "epoch", ...,
   "train/loss": ..., "valid/loss": ...}`` at each epoch end. Names are the trainer's own
   (``trainer.epoch_metrics``); ``kind`` tells step rows from epoch rows. Non-finite values
   are written as ``NaN`` / ``Infinity`` (Python's ``json`` and pandas read them).
+
+  ``step`` is the optimizer steps completed. ``epoch`` is 1-based in both kinds of row: a
+  step row names the epoch it was logged in (``1`` during the first epoch), an epoch row
+  the epoch that just ended. ``time`` is seconds of training since the run's first start;
+  a resumed run continues it from the restored checkpoint's value instead of restarting
+  at 0 (time lost after a crash's last checkpoint, and between processes, is not counted).
 * ``metrics.csv`` — the same rows as a table (``kind, step, epoch, time, <metrics...>``). Rows
   are appended; the file is rewritten only when a record brings a new column.
-* ``config.json`` at the start of a run, ``summary.json`` at its end.
+* ``config.json`` at the start of a run, ``summary.json`` at its end: ``epochs``,
+  ``steps``, ``samples`` and ``seconds`` cover the whole run across resumes (``seconds`` on
+  the same clock as ``time``), ``process_seconds`` the last ``run()`` call alone, plus
+  ``status``, ``stop_reason``, ``best/*`` and ``final_metrics``.
 * ``tensorboard/`` — TensorBoard event files, when ``tensorboard`` is installed. Epoch
   metrics there are tagged ``epoch/<name>`` (one tag cannot hold both the step value and
   the epoch mean of ``train/loss`` at the same step).
-* ``metrics.png`` — the loss and metric curves, drawn at the end of the run when
-  ``matplotlib`` is installed.
+* ``metrics.png`` — the loss and metric curves, drawn at the end of the run, when asked for
+  (``plot=True``, needs ``matplotlib``; off by default, so having matplotlib installed
+  changes nothing).
 
 A run that starts at step 0 replaces these files. A resumed run (the state manager restored
 a checkpoint, so the step is past 0) keeps the records up to the restored step and drops the
@@ -32,7 +42,6 @@ import io
 import json
 import math
 import os
-import time
 from typing import Any
 
 from ._logging_common import EPOCH_PREFIX, LoggerAddOn, LoggingBackendWarning
@@ -55,30 +64,32 @@ class LocalLoggerAddon(LoggerAddOn):
     tensorboard : bool or None
         Write TensorBoard event files under ``log_dir/tensorboard``. ``None`` (default): when
         the ``tensorboard`` package is installed. ``True`` without it fails at construction.
-    plot : bool or None
-        Draw ``metrics.png`` at the end of every run. ``None`` (default): when ``matplotlib``
-        is installed. ``True`` without it fails at construction.
+    plot : bool
+        Draw ``metrics.png`` at the end of every run (default False). ``True`` without
+        ``matplotlib`` installed fails at construction. Drawing is opt-in because it costs
+        seconds at the end of a run and writes a file nobody asked for.
 
     Examples
     --------
-    >>> Trainer.add_on(LocalLoggerAddon(log_dir="runs/exp1"))  # doctest: +SKIP
+    >>> Trainer.add_on(LocalLoggerAddon(log_dir="runs/exp1", plot=True))  # doctest: +SKIP
     >>> Trainer.add_on("local_logger")(model, optimizer=opt, log_dir="runs/exp1")  # doctest: +SKIP
     """
 
     name = "local_logger"
     backend = "local logger"
 
-    def __init__(self, *, log_dir: PathLike, tensorboard: bool | None = None, plot: bool | None = None) -> None:
+    def __init__(self, *, log_dir: PathLike, tensorboard: bool | None = None, plot: bool = False) -> None:
         super().__init__()
         self.log_dir = os.fspath(log_dir)
         self.tensorboard = _optional_feature("tensorboard", tensorboard, "tensorboard")
-        self.plot = _optional_feature("plot", plot, "matplotlib")
+        if plot is not None and not isinstance(plot, bool):
+            raise TypeError(f"LocalLoggerAddon: plot must be True or False, got {plot!r}")
+        self.plot = _optional_feature("plot", bool(plot), "matplotlib")
         self._records: list[dict[str, Any]] | None = None
         self._columns: list[str] = []
         self._jsonl: io.TextIOWrapper | None = None
         self._csv: io.TextIOWrapper | None = None
         self._writer: Any = None  # TensorBoard SummaryWriter
-        self._started = 0.0
 
     @property
     def jsonl_path(self) -> str:
@@ -102,7 +113,6 @@ class LocalLoggerAddon(LoggerAddOn):
     def _open(self, trainer: Any) -> bool:
         os.makedirs(self.log_dir, exist_ok=True)
         pc = trainer.progress_checker
-        self._started = time.perf_counter()
         if pc.step == 0:
             records: list[dict[str, Any]] = []
         else:
@@ -121,8 +131,8 @@ class LocalLoggerAddon(LoggerAddOn):
         _write_json(os.path.join(self.log_dir, "config.json"), config)
 
     def _write_step(self, step: int, record: dict[str, float]) -> None:
-        self._append({"kind": "step", "step": step, "epoch": self.trainer.progress_checker.epoch,
-                      "time": self._elapsed(), **record})
+        epoch = self.trainer.progress_checker.epoch + 1  # the epoch in progress, 1-based
+        self._append({"kind": "step", "step": step, "epoch": epoch, "time": self._elapsed(), **record})
         if self._writer is not None:
             for key, value in record.items():
                 self._writer.add_scalar(key, value, step)
@@ -138,7 +148,7 @@ class LocalLoggerAddon(LoggerAddOn):
         data["final_metrics"] = dict(trainer.summary.final_metrics)
         _write_json(os.path.join(self.log_dir, "summary.json"), data)
 
-    def _close(self, failed: bool) -> None:
+    def _close(self, outcome: str) -> None:
         for handle in (self._jsonl, self._csv):
             if handle is not None:
                 handle.close()
@@ -153,7 +163,7 @@ class LocalLoggerAddon(LoggerAddOn):
     # Files
     # ==================================================================================
     def _elapsed(self) -> float:
-        return round(time.perf_counter() - self._started, 6)
+        return round(self.run_seconds, 6)
 
     def _append(self, record: dict[str, Any]) -> None:
         if self._jsonl is None or self._csv is None or self._records is None:
@@ -258,10 +268,11 @@ def _optional_feature(setting: str, wanted: bool | None, module: str) -> bool:
     if wanted is None:
         return installed
     if wanted and not installed:
+        extra = "plot" if module == "matplotlib" else module
+        instead = f"pass {setting}=None to use it only when installed" if module != "matplotlib" else "pass plot=False"
         raise ImportError(
             f"LocalLoggerAddon({setting}=True) needs the {module!r} package. To fix, pip install "
-            f"zae_trainer[{'plot' if module == 'matplotlib' else module}], or pass {setting}=None to use it only "
-            "when installed."
+            f"zae_trainer[{extra}], or {instead}."
         )
     return bool(wanted)
 

@@ -1,17 +1,20 @@
 """NeptuneLoggerAddon: Neptune (``neptune`` 1.x client) tracking, including offline mode.
 
-Neptune's hosted service has been wound down (see the README's Logging section). This add-on
-still serves self-hosted or otherwise still-running Neptune servers, and **offline mode**,
-which needs no server at all: the client writes every operation under
-``.neptune/offline/run__<id>__.../`` (or ``$NEPTUNE_DATA_DIRECTORY``).
+Neptune's hosted service has been shut down. This add-on keeps working as it did, for what
+still runs: self-hosted Neptune servers (``api_token`` / ``NEPTUNE_API_TOKEN`` naming your
+server), and **offline mode**, which needs no server at all: the client writes every
+operation under ``.neptune/offline/run__<id>__.../`` (or ``$NEPTUNE_DATA_DIRECTORY``).
 :func:`read_offline_run` reads such a folder back into metric series and fields, so runs
-recorded that way stay usable without Neptune.
+recorded that way stay usable without Neptune. Nothing here talks to the ``neptune-scale``
+client of Neptune 3.x. For a self-hostable tracker most teams moved to, see
+:class:`~zae_trainer.addons.mlflow_logger.MLflowLoggerAddon`.
 
 What it logs (as every logger, see :mod:`zae_trainer.addons._logging_common`): ``config/*`` at
 ``RUN_BEGIN``; step metrics and learning rate(s) as series appended with
 ``step=progress_checker.step``; epoch metrics as ``epoch/<name>`` plus ``epoch/index``;
-``summary/*`` at ``RUN_END``; ``sys/failed = True`` when the run raised. Non-finite values are
-skipped (Neptune 1.x rejects them, with a warning per value).
+``summary/*`` at ``RUN_END`` (``summary/status`` is ``finished``, ``stopped``, ``failed`` or
+``interrupted``); ``sys/failed = True`` when the run raised or SIGINT/SIGTERM interrupted it.
+Non-finite values are skipped (Neptune 1.x rejects them, with a warning per value).
 
 Why it does not stall: in Neptune's default ``async`` mode and in ``offline`` mode, appends go
 to a local disk queue that a background thread uploads. ``neptune.init_run`` contacts the
@@ -29,7 +32,6 @@ import importlib.util
 import json
 import logging
 import os
-import threading
 import uuid
 from collections.abc import Mapping
 from typing import Any, Callable
@@ -38,6 +40,7 @@ from ._logging_common import (
     LoggerAddOn,
     LoggingBackendWarning,
     best_checkpoint_path,
+    call_with_timeout,
     check_web_logger,
     epoch_record,
     is_finite_number,
@@ -81,7 +84,7 @@ class NeptuneLoggerAddon(LoggerAddOn):
     >>> Trainer.add_on(NeptuneLoggerAddon(mode="offline"))  # doctest: +SKIP
     """
 
-    name = "neptune"
+    name = "neptune_logger"
     backend = "Neptune"
 
     def __init__(
@@ -117,9 +120,10 @@ class NeptuneLoggerAddon(LoggerAddOn):
             )
 
     def state_dict(self) -> dict[str, Any]:
-        return {"run_id": self.run_id, "custom_run_id": self.custom_run_id}
+        return {**super().state_dict(), "run_id": self.run_id, "custom_run_id": self.custom_run_id}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
         self.run_id = state.get("run_id")
         self.custom_run_id = state.get("custom_run_id")
 
@@ -177,11 +181,11 @@ class NeptuneLoggerAddon(LoggerAddOn):
             else:
                 self._run["checkpoints/best"].upload(path)
 
-    def _close(self, failed: bool) -> None:
+    def _close(self, outcome: str) -> None:
         run, self._run = self._run, None
         if run is None:
             return
-        if failed:
+        if outcome in ("failed", "interrupted"):  # Neptune 1.x has one flag for both
             run["sys/failed"] = True
         run.stop(seconds=self.init_timeout)
 
@@ -241,42 +245,12 @@ def read_offline_run(folder: str | os.PathLike[str]) -> dict[str, Any]:
 # Helpers
 # ======================================================================================
 def _call_with_timeout(factory: Callable[[], Any], timeout: float) -> Any:
-    """``factory()`` in a helper thread; TimeoutError after ``timeout`` seconds.
+    """``neptune.init_run`` in a helper thread; TimeoutError after ``timeout`` seconds.
 
-    The abandoned call keeps running in its daemon thread; if it completes later, the run it
-    created is stopped there, so nothing logs into it.
+    If the abandoned call completes later, the run it created is stopped there, so nothing
+    logs into it.
     """
-    lock = threading.Lock()
-    done = threading.Event()
-    box: dict[str, Any] = {}
-    abandoned = False
-
-    def target() -> None:
-        try:
-            result = factory()
-        except BaseException as exc:  # handed to the caller below
-            box["error"] = exc
-            done.set()
-            return
-        with lock:
-            if not abandoned:
-                box["result"] = result
-                done.set()
-                return
-        try:
-            result.stop(seconds=0)
-        except Exception as exc:  # nobody is listening any more: the run was replaced by an offline one
-            _log.debug("stopping an abandoned Neptune run raised %r", exc)
-
-    threading.Thread(target=target, name="zae-neptune-init", daemon=True).start()
-    if not done.wait(timeout):
-        with lock:
-            if not done.is_set():
-                abandoned = True
-                raise TimeoutError(f"neptune.init_run did not return within init_timeout={timeout:g} s")
-    if "error" in box:
-        raise box["error"]
-    return box["result"]
+    return call_with_timeout(factory, timeout, "neptune.init_run", cleanup=lambda run: run.stop(seconds=0))
 
 
 def _neptune_values(data: Mapping[str, Any]) -> dict[str, Any]:

@@ -2,26 +2,46 @@
 
 What it logs (see :mod:`zae_trainer.addons._logging_common`): the run configuration at
 ``RUN_BEGIN`` (as ``wandb.config``), step metrics and learning rate(s) at each log point, epoch
-metrics as ``epoch/<name>`` plus ``epoch/index`` at each epoch end, and the summary
-(``status``, ``epochs``, ``steps``, ``seconds``, ``stop_reason``, ``best/metric``,
-``best/value``, ``best/epoch``) in ``run.summary``. Every value goes to W&B with
-``step=progress_checker.step``, so a resumed run continues on the same axis.
+metrics as ``epoch/<name>`` plus ``epoch/index`` (1-based) at each epoch end, and the summary
+(``status``, ``epochs``, ``steps``, ``samples``, ``seconds``, ``process_seconds``,
+``stop_reason``, ``best/metric``, ``best/value``, ``best/epoch``) in ``run.summary``.
+
+The run is the user's if there is one. When ``wandb.run`` is set (the user called
+``wandb.init()`` before training), the add-on logs into that run, adds its configuration
+without overriding the user's keys, and never finishes it. Otherwise it starts a run and makes
+it the global one, so ``wandb.log(...)``, ``wandb.watch(model)`` and friends work inside
+``train_step``; it finishes that run at ``RUN_END``. Either way the run is public as
+``trainer.get_addon("wandb_logger").run`` (Lightning's ``logger.experiment``), for images,
+tables and histograms.
+
+The x-axis is declared, not implied. Every row carries ``trainer/step`` (optimizer steps
+completed) and each metric is declared with ``run.define_metric(name,
+step_metric="trainer/step")``; epoch metrics with ``step_metric="epoch/index"``. Rows are
+logged without ``step=``, so W&B's own row counter only grows. Why: a process killed after it
+logged past its last checkpoint leaves W&B's step ahead of the checkpoint, and W&B drops every
+row logged with an explicit ``step=`` below its current one, so a resumed run would lose the
+replayed rows; with a declared step metric they are accepted and plotted at their step. In a
+run this add-on started, ``define_metric("*", step_metric="trainer/step", step_sync=True)``
+also puts your own ``wandb.log`` values on the trainer's step.
 
 Why it does not stall: ``run.log`` hands the row to W&B's background service and returns;
 values arrive as Python floats the core read once per log interval. Only ``wandb.init`` at
 ``RUN_BEGIN`` waits, at most ``init_timeout`` seconds, and ``run.finish`` at ``RUN_END`` (which
 waits for uploads still queued).
 
-Faults: when W&B cannot start online (no network, bad key, server unreachable), the run logs
-offline into ``wandb/offline-run-*`` (upload later with ``wandb sync``), with one warning
-(``offline_fallback=False``: it runs without W&B instead). A W&B call raising mid-run
-disables the add-on for the run with one warning; training finishes. A run that raised is
-finished with ``exit_code=1`` (shown as failed).
+Faults and outcomes: when W&B cannot start online (no network, bad key, server unreachable),
+the run logs offline into ``wandb/offline-run-*`` (upload later with ``wandb sync``), with one
+warning (``offline_fallback=False``: it runs without W&B instead). A W&B call raising mid-run
+disables the add-on for the run with one warning; training finishes. A run this add-on started
+is finished with ``exit_code=0`` when training finished, ``1`` when it raised, and ``130`` /
+``143`` (``128 + signal``) when SIGINT / SIGTERM interrupted it, so W&B shows it as failed
+rather than successful.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -35,7 +55,14 @@ from ._logging_common import (
     run_config,
 )
 
-__all__ = ["WandBLoggerAddon", "LoggingBackendWarning"]
+__all__ = ["WandBLoggerAddon", "LoggingBackendWarning", "STEP_METRIC", "EPOCH_METRIC"]
+
+_log = logging.getLogger("zae_trainer")
+
+#: The declared x-axis of step metrics: optimizer steps completed.
+STEP_METRIC = "trainer/step"
+#: The declared x-axis of epoch metrics (``epoch/<name>``): the 1-based epoch number.
+EPOCH_METRIC = "epoch/index"
 
 
 class WandBLoggerAddon(LoggerAddOn):
@@ -68,9 +95,16 @@ class WandBLoggerAddon(LoggerAddOn):
     >>> Trainer.add_on(WandBLoggerAddon)(model, optimizer=opt,
     ...     web_logger={"wandb": {"project": "digits", "mode": "offline"}})  # doctest: +SKIP
     >>> Trainer.add_on(WandBLoggerAddon(project="digits", tags=["baseline"]))  # doctest: +SKIP
+
+    Your own logging inside a step goes to the same run::
+
+        def train_step(self, batch):
+            ...
+            if self.progress_checker.step % 100 == 0:
+                wandb.log({"samples": wandb.Image(batch[0][0])})  # or self.get_addon("wandb_logger").run.log
     """
 
-    name = "wandb"
+    name = "wandb_logger"
     backend = "W&B"
 
     def __init__(
@@ -96,7 +130,24 @@ class WandBLoggerAddon(LoggerAddOn):
         self.run_id: str | None = None  # the W&B run this add-on logged to last (kept in checkpoints)
         self.run_dir: str | None = None  # its local folder (…/wandb/<offline-|>run-<time>-<id>)
         self._run: Any = None
+        self._owns_run = False  # False: the user's run, which this add-on never finishes
+        self._defined: set[str] = set()  # metrics already given their x-axis in this run
         self._our_config: dict[str, Any] = {}
+
+    @property
+    def run(self) -> Any:
+        """The ``wandb`` Run being logged to while ``run()`` trains (None before and after).
+
+        The user's own run when ``wandb.init()`` was called before training, else the one this
+        add-on started (then also ``wandb.run``). Log media, tables, histograms or
+        ``run.watch(model)`` with it.
+        """
+        return self._run
+
+    @property
+    def owns_run(self) -> bool:
+        """Whether the add-on started the current run (and will finish it)."""
+        return self._owns_run
 
     def setup(self, trainer: Any) -> None:
         if self.enabled and importlib.util.find_spec("wandb") is None:
@@ -106,9 +157,10 @@ class WandBLoggerAddon(LoggerAddOn):
             )
 
     def state_dict(self) -> dict[str, Any]:
-        return {"run_id": self.run_id}
+        return {**super().state_dict(), "run_id": self.run_id}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
         self.run_id = state.get("run_id")
 
     # ==================================================================================
@@ -118,6 +170,16 @@ class WandBLoggerAddon(LoggerAddOn):
         if not self.enabled:
             return False
         import wandb
+
+        self._defined = set()
+        active = wandb.run
+        if active is not None:  # the user's run: log into it, never finish it
+            if self.init_kwargs:
+                _log.info("W&B: logging into the active run %s; wandb.init options %s are not used",
+                          active.id, sorted(self.init_kwargs))
+            active.config.setdefaults(run_config(trainer))  # type: ignore[no-untyped-call]
+            self._adopt(active, owned=False)
+            return True
 
         kwargs = self._init_arguments(trainer, wandb)
         try:
@@ -131,28 +193,56 @@ class WandBLoggerAddon(LoggerAddOn):
                 f"W&B could not start online ({type(exc).__name__}: {_first_line(exc)}); logging offline to "
                 f"{os.path.dirname(run.dir)} instead. To upload it later: wandb sync {os.path.dirname(run.dir)}"
             )
-        self._run = run
-        self.run_id = run.id
-        self.run_dir = os.path.dirname(run.dir)
+        # "return_previous" hands back a run someone else started with reinit="create_new":
+        # log into it, but it is not ours to finish.
+        owned = wandb.run is run or kwargs.get("reinit") == "create_new"
         if "config" in kwargs and not isinstance(kwargs["config"], Mapping):  # a Namespace etc.: ours on top
             run.config.update(self._our_config, allow_val_change=True)  # type: ignore[no-untyped-call]
+        self._adopt(run, owned=owned)
+        if owned:  # the user's own wandb.log rows in train_step land on the trainer's step too
+            run.define_metric(STEP_METRIC)
+            run.define_metric("*", step_metric=STEP_METRIC, step_sync=True)
         return True
 
+    def _adopt(self, run: Any, owned: bool) -> None:
+        self._run = run
+        self._owns_run = owned
+        self.run_id = run.id
+        self.run_dir = os.path.dirname(run.dir)
+
     def _write_step(self, step: int, record: dict[str, float]) -> None:
-        self._run.log(record, step=step)
+        self._declare(record, STEP_METRIC)
+        self._run.log({**record, STEP_METRIC: step})
 
     def _write_epoch(self, step: int, epoch: int, metrics: dict[str, float]) -> None:
-        self._run.log(epoch_record(epoch, metrics), step=step)
+        record = epoch_record(epoch, metrics)
+        self._declare({k: v for k, v in record.items() if k != EPOCH_METRIC}, EPOCH_METRIC)
+        self._declare({EPOCH_METRIC: epoch}, STEP_METRIC)
+        self._run.log({**record, STEP_METRIC: step})
+
+    def _declare(self, record: Mapping[str, Any], axis: str) -> None:
+        """Give each metric not seen yet in this run its x-axis (once per name)."""
+        for key in record:
+            if key not in self._defined:
+                self._run.define_metric(key, step_metric=axis)
+                self._defined.add(key)
 
     def _write_summary(self, trainer: Any, summary: dict[str, Any]) -> None:
         self._run.summary.update({k: v for k, v in summary.items() if v is not None})
         if self.upload_best_checkpoint:
             self._upload_best(trainer)
 
-    def _close(self, failed: bool) -> None:
+    def _close(self, outcome: str) -> None:
         run, self._run = self._run, None
-        if run is not None:
-            run.finish(exit_code=1 if failed else 0)
+        if run is None or not self._owns_run:  # the user's run stays open for the user
+            return
+        if outcome == "failed":
+            exit_code = 1
+        elif outcome == "interrupted":
+            exit_code = 128 + (self.interrupt_signal or 2)
+        else:
+            exit_code = 0
+        run.finish(exit_code=exit_code)
 
     # ==================================================================================
     # Details
@@ -168,8 +258,10 @@ class WandBLoggerAddon(LoggerAddOn):
             kwargs["settings"] = wandb.Settings(init_timeout=self.init_timeout)
         elif isinstance(settings, Mapping) and "init_timeout" not in settings:
             kwargs["settings"] = {**settings, "init_timeout": self.init_timeout}
-        if _version(wandb.__version__) >= (0, 19, 10):  # never log into, or finish, a run the user opened
-            kwargs.setdefault("reinit", "create_new")
+        if _version(wandb.__version__) >= (0, 19, 10):
+            # Not "create_new" (it leaves wandb.run unset, so the user's wandb.log would fail),
+            # not "finish_previous" (the notebook default, which would finish the user's runs).
+            kwargs.setdefault("reinit", "return_previous")
         if self.resume_run and self.run_id and "id" not in kwargs:
             kwargs["id"] = self.run_id
             kwargs.setdefault("resume", "allow")
