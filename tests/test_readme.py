@@ -35,3 +35,22 @@ def test_ci_installs_what_the_readme_install_command_installs() -> None:
     assert 'pip install -e ".[all]"' in install and '-e ".[all' in ci
     assert install.endswith("python examples/train_digits.py")
     assert (ROOT / "examples" / "train_digits.py").exists()
+
+
+def test_readme_lists_every_builtin_addon_with_its_class() -> None:
+    """The README's add-on table names exactly the registry's built-ins, each with its class."""
+    from zae_trainer.registry import BUILTIN_ADDONS
+
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Built-in add-ons", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `(\w+)` \| `(\w+)` \|", section, flags=re.M)
+    listed = dict(rows)
+    expected = {name: target.split(":")[1] for name, target in BUILTIN_ADDONS.items()}
+    assert listed == expected
+
+
+def test_readme_links_point_at_files_that_exist() -> None:
+    text = (ROOT / "README.md").read_text()
+    targets = [t.split("#")[0] for t in re.findall(r"\]\(([^)\s]+)\)", text) if "://" not in t]
+    missing = [t for t in targets if t and not (ROOT / t).exists()]
+    assert not missing, f"README links to files that do not exist: {missing}"
