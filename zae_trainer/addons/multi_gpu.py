@@ -74,7 +74,7 @@ class _DistributedStrategy:
         return self
 
     def run(self, n_epoch: int, loader: Iterable[Any], valid_loader: Iterable[Any] | None = None, **kwargs: Any) -> None:
-        addon: MultiGPUAddon = self.get_addon(MultiGPUAddon.name)  # type: ignore[attr-defined]
+        addon: MultiGPUAddon = self.get_addon(MultiGPUAddon)  # type: ignore[attr-defined]
         if addon.must_spawn():
             addon.spawn(n_epoch, loader, valid_loader, kwargs)
             return
@@ -86,7 +86,7 @@ class _DistributedStrategy:
 
     def wrap_model(self, model: nn.Module) -> nn.Module:
         model = super().wrap_model(model)  # type: ignore[misc]
-        return self.get_addon(MultiGPUAddon.name).wrap(model)  # type: ignore[attr-defined,no-any-return]
+        return self.get_addon(MultiGPUAddon).wrap(model)  # type: ignore[attr-defined,no-any-return]
 
     def unwrap_model(self, model: nn.Module) -> nn.Module:
         if isinstance(model, DistributedDataParallel):
@@ -95,7 +95,7 @@ class _DistributedStrategy:
 
     def prepare_loader(self, loader: Any, *, train: bool) -> Any:
         loader = super().prepare_loader(loader, train=train)  # type: ignore[misc]
-        return self.get_addon(MultiGPUAddon.name).shard(loader, train=train)  # type: ignore[attr-defined]
+        return self.get_addon(MultiGPUAddon).shard(loader, train=train)  # type: ignore[attr-defined]
 
     def no_sync(self) -> ContextManager[Any]:
         outer = super().no_sync()  # type: ignore[misc]
@@ -106,7 +106,7 @@ class _DistributedStrategy:
 
     def all_reduce_sums(self, values: list[float]) -> list[float]:
         values = super().all_reduce_sums(values)  # type: ignore[misc]
-        return self.get_addon(MultiGPUAddon.name).reduce_sums(values)  # type: ignore[attr-defined,no-any-return]
+        return self.get_addon(MultiGPUAddon).reduce_sums(values)  # type: ignore[attr-defined,no-any-return]
 
     @property
     def is_main_process(self) -> bool:

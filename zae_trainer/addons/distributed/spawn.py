@@ -249,8 +249,9 @@ def _worker(rank: int, folder: str) -> None:
         _restore_rng(job["rng"])
         n_epoch, loader, valid_loader, run_kwargs = job["run"]
         trainer.run(n_epoch, loader, valid_loader, **run_kwargs)
+        state = _trained_state(trainer)  # on every rank: a sharded model gathers its state collectively
         if rank == 0:
-            _write_result(folder, trainer)
+            _write_result(folder, trainer, state)
     except BaseException as exc:
         _record_error(folder, rank, exc)
         if isinstance(exc, KeyboardInterrupt):
@@ -287,9 +288,19 @@ def _with_device(
     return tuple(bound.args[1:]), dict(bound.kwargs)
 
 
-def _write_result(folder: str, trainer: Any) -> None:
+def _trained_state(trainer: Any) -> dict[str, Any]:
+    """What rank 0 sends back: ``trainer.state_dict()``, or, where an add-on shards the model
+    (FSDPAddon), its ``gather_trainer_state()``, which every rank must call."""
+    for addon in trainer.addon_instances:
+        gather = getattr(addon, "gather_trainer_state", None)
+        if gather is not None:
+            return gather()  # type: ignore[no-any-return]
+    return trainer.state_dict()  # type: ignore[no-any-return]
+
+
+def _write_result(folder: str, trainer: Any, state: Mapping[str, Any]) -> None:
     result = {
-        "state": trainer.state_dict(),
+        "state": state,
         "epoch_metrics": dict(trainer.epoch_metrics),
         "summary": dataclasses.asdict(trainer.summary),
         "stop_reason": trainer.stop_reason,
