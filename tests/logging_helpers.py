@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from typing import Any, Mapping
 
 from zae_trainer import AddOn
@@ -63,3 +65,19 @@ class FailsAtStep3(TinyRegressionTrainer):
         if self.progress_checker.step == 2:
             raise RuntimeError("boom at step 3")
         return super().train_step(batch)
+
+
+class SignalsItselfAtStep3(TinyRegressionTrainer):
+    """Sends itself ``interrupt_with`` (SIGTERM by default) inside the third step: a real signal,
+    handled by the trainer at the next batch boundary (build it with ``handle_signals=True``)."""
+
+    interrupt_with: int = signal.SIGTERM
+
+    def train_step(self, batch: Any) -> dict[str, Any]:
+        if self.progress_checker.step == 2:
+            os.kill(os.getpid(), self.interrupt_with)
+        return super().train_step(batch)
+
+
+class SigintsItselfAtStep3(SignalsItselfAtStep3):
+    interrupt_with = signal.SIGINT

@@ -61,6 +61,13 @@ class WandbRunLog:
         return {k for row in self.rows for k in row if not k.startswith("_")}
 
 
+def wandb_run_files(wandb_dir: str | os.PathLike[str], run_id: str) -> list[str]:
+    """Every ``.wandb`` file of run ``run_id`` (one per process that logged to it), oldest first."""
+    found = glob.glob(os.path.join(os.fspath(wandb_dir), "**", f"run-{run_id}.wandb"), recursive=True)
+    found = [path for path in found if os.sep + "latest-run" + os.sep not in path]  # a link to one of them
+    return sorted(found, key=lambda path: os.stat(path).st_mtime_ns)
+
+
 def wandb_run_file(wandb_dir: str | os.PathLike[str], run_id: str) -> str:
     """The newest ``.wandb`` file of run ``run_id`` under ``wandb_dir`` (resumed runs write one per process)."""
     found = glob.glob(os.path.join(os.fspath(wandb_dir), "**", f"run-{run_id}.wandb"), recursive=True)
@@ -105,15 +112,16 @@ def read_wandb_records(path: str | os.PathLike[str]) -> list[Any]:
     return records
 
 
-def read_wandb_run(path: str | os.PathLike[str], timeout: float = 30.0) -> WandbRunLog:
+def read_wandb_run(path: str | os.PathLike[str], timeout: float = 30.0, wait_for_exit: bool = True) -> WandbRunLog:
     """History rows, declared axes, the final summary, the config, artifacts and the exit code.
 
     ``run.finish()`` can return before W&B's service has flushed the log to disk (seen on a
-    loaded machine), so this waits up to ``timeout`` seconds for the run's exit record.
+    loaded machine), so this waits up to ``timeout`` seconds for the run's exit record
+    (``wait_for_exit=False``: a killed process's log, which has none, is read as it is).
     """
     deadline = time.monotonic() + timeout
     records = read_wandb_records(path)
-    while not any(r.WhichOneof("record_type") == "exit" for r in records) and time.monotonic() < deadline:
+    while wait_for_exit and not any(r.WhichOneof("record_type") == "exit" for r in records) and time.monotonic() < deadline:
         time.sleep(0.05)
         records = read_wandb_records(path)
     log = WandbRunLog()

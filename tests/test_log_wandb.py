@@ -5,6 +5,7 @@ W&B starts slowly (a background service), so one module-scoped run is checked se
 
 from __future__ import annotations
 
+import glob
 import os
 from pathlib import Path
 from typing import Any
@@ -13,9 +14,10 @@ import pytest
 
 pytest.importorskip("wandb")
 
-from logging_helpers import FailsAtStep3, MetricTap  # noqa: E402
+from logging_helpers import FailsAtStep3, MetricTap, SigintsItselfAtStep3, SignalsItselfAtStep3  # noqa: E402
 from logging_readers import read_wandb_run, wandb_run_file  # noqa: E402
 from zae_trainer.addons import StateManagerAddon  # noqa: E402
+from zae_trainer.errors import TrainingTerminated  # noqa: E402
 from zae_trainer.addons.wandb_logger import WandBLoggerAddon  # noqa: E402
 from zae_trainer.testing import TinyRegressionTrainer, tiny_loader, tiny_trainer  # noqa: E402
 
@@ -115,3 +117,69 @@ def test_settings_are_checked_at_construction() -> None:
     with pytest.raises(ValueError, match="init_timeout"):
         WandBLoggerAddon(init_timeout=0)
     assert os.environ["WANDB_MODE"] == "offline"  # the conftest keeps W&B off the network
+
+
+# ======================================================================================
+# The run is the user's to use, and the user's to keep
+# ======================================================================================
+class LogsItsOwnRows(TinyRegressionTrainer):
+    """Calls ``wandb.log`` inside ``train_step``, as users do for images and tables."""
+
+    seen_runs: list[Any] = []
+
+    def train_step(self, batch: Any) -> dict[str, Any]:
+        import wandb
+
+        if self.progress_checker.step == 3:
+            wandb.log({"user/value": 42.0})
+            self.get_addon("wandb_logger").run.log({"user/other": 7.0})
+            self.seen_runs.append((wandb.run, self.get_addon("wandb_logger").run))
+        return super().train_step(batch)
+
+
+def test_the_users_own_wandb_log_lands_in_the_run_on_the_trainers_step(tmp_path: Path) -> None:
+    import wandb
+
+    trainer = tiny_trainer(LogsItsOwnRows.add_on(WandBLoggerAddon(mode="offline", dir=str(tmp_path))))
+    trainer.run(1, tiny_loader())
+    global_run, addon_run = LogsItsOwnRows.seen_runs[-1]
+    assert global_run is addon_run and addon_run is not None  # the add-on's run is the global one
+    addon = trainer.get_addon("wandb_logger")
+    assert addon.run is None and wandb.run is None  # finished and released at RUN_END
+    log = read_wandb_run(wandb_run_file(tmp_path, addon.run_id))
+    # logged during step 4, after the step-2 log point: W&B's step_sync puts them on trainer/step 2
+    assert log.series("user/value") == [(2, 42.0)] and log.series("user/other") == [(2, 7.0)]
+    assert log.steps() == [2, 4, 6] and log.exit_code == 0
+
+
+def test_a_run_the_user_started_is_used_and_left_open(tmp_path: Path) -> None:
+    import wandb
+
+    user_run = wandb.init(project="zt-user", mode="offline", dir=str(tmp_path), config={"lr": 0.5})
+    try:
+        trainer = tiny_trainer(TinyRegressionTrainer.add_on(WandBLoggerAddon(project="ignored")), config={"lr": 0.05})
+        trainer.run(1, tiny_loader())
+        addon = trainer.get_addon("wandb_logger")
+        assert addon.run_id == user_run.id and not addon.owns_run
+        assert wandb.run is user_run  # not finished, still the user's
+        user_run.log({"user/after": 1.0})
+    finally:
+        user_run.finish()
+    found = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "*.wandb"))
+    assert len(found) == 1, found  # one run, not two
+    path = found[0]
+    log = read_wandb_run(path)
+    assert log.steps() == [2, 4, 6] and log.series("user/after")
+    assert log.config["lr"] == 0.5  # the user's value is kept; ours are added beside it
+    assert log.config["zae_trainer"]["optimizer"]["lr"] == 0.05
+    assert log.exit_code == 0 and log.glob_axes == {}  # the user's run keeps the user's axes
+
+
+@pytest.mark.parametrize("cls, code", [(SignalsItselfAtStep3, 143), (SigintsItselfAtStep3, 130)])
+def test_an_interrupted_run_finishes_with_the_signals_exit_code(tmp_path: Path, cls: type, code: int) -> None:
+    trainer = tiny_trainer(cls.add_on(WandBLoggerAddon(mode="offline", dir=str(tmp_path))), handle_signals=True)
+    with pytest.raises((KeyboardInterrupt, TrainingTerminated)):
+        trainer.run(1, tiny_loader())
+    log = read_wandb_run(wandb_run_file(tmp_path, trainer.get_addon("wandb_logger").run_id))
+    assert log.exit_code == code and log.summary["status"] == "interrupted"
+    assert log.steps() == [2]

@@ -10,9 +10,10 @@ not). ``mlflow ui --backend-store-uri ./mlruns`` shows the runs.
 
 What it logs (as every logger, see :mod:`zae_trainer.addons._logging_common`):
 
-* parameters: the run configuration flattened with ``/`` (``lr``,
-  ``zae_trainer/optimizer/lr``), credentials redacted, values as strings cut to MLflow's
-  6000 characters;
+* parameters: the run configuration flattened with ``.`` (``lr``,
+  ``zae_trainer.optimizer.lr``; not ``/``, which MLflow's file store turns into folders, so a
+  key could not be both a value and a prefix), credentials redacted, values as strings cut
+  to MLflow's 6000 characters;
 * step metrics and learning rate(s) at each log point with ``step=progress_checker.step``;
   epoch metrics as ``epoch/<name>`` plus ``epoch/index`` (1-based), also at the trainer's step;
 * the summary: numbers as metrics ``summary/<key>`` (``summary/best/value``), the rest
@@ -71,6 +72,7 @@ _MAX_TAG = 8000
 _PARAMS_PER_BATCH = 100
 _METRICS_PER_BATCH = 1000
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_\-. /]")
+_PARAM_UNSAFE = re.compile(r"[^A-Za-z0-9_\-. ]")  # no "/" in parameter names (folders in a file store)
 _STATUS = {"finished": "FINISHED", "failed": "FAILED", "interrupted": "KILLED"}
 
 
@@ -173,7 +175,9 @@ class MLflowLoggerAddon(LoggerAddOn):
             return True
         uri = self._resolve_uri()
         self.client = MlflowClient(uri)
-        self.run_id = call_with_timeout(lambda: self._start_run(trainer), self.timeout, "MLflow run start")
+        client = self.client
+        self.run_id = call_with_timeout(lambda: self._start_run(trainer), self.timeout, "MLflow run start",
+                                        cleanup=lambda run_id: client.set_terminated(run_id, "KILLED"))
         self._owns_run = True
         return True
 
@@ -199,21 +203,20 @@ class MLflowLoggerAddon(LoggerAddOn):
     def _write_summary(self, trainer: Any, summary: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
 
-        numbers = {f"summary/{k}": v for k, v in summary.items() if is_finite_number(v)}
-        self._log_metrics(numbers, trainer.progress_checker.step)
+        self._drain()  # the queue first: a file store must not be written from two threads at once
+        step = trainer.progress_checker.step
+        metrics = self._metrics({f"summary/{k}": v for k, v in summary.items()}, step)
         tags = [RunTag(f"summary/{k}", str(v)[:_MAX_TAG]) for k, v in summary.items()
                 if v is not None and not is_finite_number(v)]
-        self.client.log_batch(self.run_id, tags=tags)
+        self.client.log_batch(self.run_id, metrics=metrics, tags=tags)
         if self.upload_best_checkpoint is not False:
             self._upload_best(trainer)
 
     def _close(self, outcome: str) -> None:
         client, run_id = self.client, self.run_id
-        pending, self._pending = self._pending, []
         if client is None or run_id is None:
             return
-        if pending:
-            call_with_timeout(lambda: [op.wait() for op in pending], self.timeout, "MLflow's metric queue")
+        self._drain()
         if self._owns_run:
             client.set_terminated(run_id, _STATUS.get(outcome, "FINISHED"))
 
@@ -252,13 +255,23 @@ class MLflowLoggerAddon(LoggerAddOn):
         run = client.create_run(experiment_id, tags=dict(self.tags), run_name=self.run_name)
         return str(run.info.run_id)
 
-    def _log_metrics(self, values: Mapping[str, Any], step: int) -> None:
+    def _drain(self) -> None:
+        """Wait (at most ``timeout`` seconds) for the queued metrics to be written."""
+        pending, self._pending = self._pending, []
+        if pending:
+            call_with_timeout(lambda: [op.wait() for op in pending], self.timeout, "MLflow's metric queue")
+
+    @staticmethod
+    def _metrics(values: Mapping[str, Any], step: int) -> list[Any]:
         import time
 
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        metrics = [Metric(_key(k), float(v), now, step) for k, v in values.items() if is_finite_number(v)]
+        return [Metric(_key(k), float(v), now, step) for k, v in values.items() if is_finite_number(v)]
+
+    def _log_metrics(self, values: Mapping[str, Any], step: int) -> None:
+        metrics = self._metrics(values, step)
         for i in range(0, len(metrics), _METRICS_PER_BATCH):
             operation = self.client.log_batch(self.run_id, metrics=metrics[i:i + _METRICS_PER_BATCH],
                                               synchronous=False)
@@ -279,20 +292,20 @@ class MLflowLoggerAddon(LoggerAddOn):
 
 
 def flatten_params(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    """Nested configuration as MLflow parameters: ``{"a/b": "1"}``, keys and values within MLflow's limits.
+    """Nested configuration as MLflow parameters: ``{"a.b": "1"}``, keys and values within MLflow's limits.
 
     Examples
     --------
     >>> flatten_params({"lr": 0.1, "optimizer": {"class": "SGD", "betas": [0.9, 0.99]}, "note": None})
-    {'lr': '0.1', 'optimizer/class': 'SGD', 'optimizer/betas': '[0.9, 0.99]', 'note': 'None'}
+    {'lr': '0.1', 'optimizer.class': 'SGD', 'optimizer.betas': '[0.9, 0.99]', 'note': 'None'}
     """
     flat: dict[str, str] = {}
     for key, value in config.items():
         name = f"{prefix}{key}"
         if isinstance(value, Mapping) and value:
-            flat.update(flatten_params(value, name + "/"))
+            flat.update(flatten_params(value, name + "."))
         else:
-            flat[_key(name)] = str(value)[:_MAX_VALUE]
+            flat[_PARAM_UNSAFE.sub("_", name)[:_MAX_KEY]] = str(value)[:_MAX_VALUE]
     return flat
 
 
