@@ -53,6 +53,7 @@ from .checkpoint.formats import (
 from .checkpoint.manifest import Entry, Manifest
 from .checkpoint.schema import apply_checkpoint, build_checkpoint, check_model_fits
 from .checkpoint.tree import to_plain
+from .checkpoint.zae_engine_folder import find_for_load, load_into_trainer
 
 __all__ = ["StateManagerAddon"]
 
@@ -452,12 +453,20 @@ class StateManagerAddon(AddOn):
         self._writer.wait()
         if source not in ("latest", "best"):
             path = self._resolve(source)
+            legacy = find_for_load(path)
+            if legacy is not None:  # a folder zae-engine wrote (model.ckpt, optimizer.zae, ...)
+                self._plan = None
+                return load_into_trainer(self.trainer, legacy, strict)
             checkpoint = read_checkpoint(path)
             self._plan = apply_checkpoint(self.trainer, checkpoint, path, strict)
             return path
         manifest = Manifest.load(self.save_path, mode=self.trainer.monitor_mode)
         candidates = manifest.candidates(source)
         if not candidates:
+            legacy = find_for_load(self.save_path)
+            if legacy is not None:  # never start from scratch over a zae-engine folder without a word
+                self._plan = None
+                return load_into_trainer(self.trainer, legacy, strict)
             if fresh_if_empty:
                 return None
             raise CheckpointNotFoundError(f"no checkpoint to resume: {describe_folder(self.save_path)}", self.save_path)
