@@ -1,13 +1,17 @@
 """What a person watching the run sees: a progress bar, or one line per epoch, and a summary.
 
 On an interactive terminal this is a tqdm bar over epochs and one over batches (loss and
-learning rate in the postfix, refreshed at log points). In a non-interactive stream (CI logs,
-files, pipes) carriage-return animation would flood the log, so it prints one line per epoch.
+learning rate in the postfix, refreshed at log points). In a Jupyter notebook the same bars
+are notebook widgets (``tqdm.auto``; without ipywidgets tqdm falls back to text bars and says
+so). In a non-interactive stream (CI logs, files, pipes) carriage-return animation would flood
+the log, so it prints one line per epoch; so does a terminal that reports no size (0 columns
+or 0 rows, as some containers and CI runners allocate), where tqdm would draw nothing at all.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from dataclasses import dataclass, field
 from typing import IO, Any, Mapping
@@ -52,34 +56,54 @@ class RunSummary:
         return "\n".join(lines)
 
 
+def in_notebook() -> bool:
+    """Whether we run inside a Jupyter kernel (where stderr is not a terminal, yet bars render)."""
+    shell = getattr(sys.modules.get("IPython"), "get_ipython", lambda: None)()
+    return shell is not None and "IPKernelApp" in getattr(shell, "config", {})
+
+
+def has_terminal_size(stream: IO[str]) -> bool:
+    """Whether ``stream`` is a terminal with a usable size (tqdm draws nothing in 0 rows)."""
+    try:
+        size = os.get_terminal_size(stream.fileno())
+    except (AttributeError, OSError, ValueError):  # a tty-like wrapper without a descriptor
+        return True
+    return size.columns > 0 and size.lines > 0
+
+
 class ProgressDisplay:
-    """Progress for one ``run()``; a no-op when disabled."""
+    """Progress for one ``run()``; a no-op when disabled.
+
+    ``interactive`` (bars) on a terminal that reports a size, or in a notebook; otherwise one
+    line per epoch.
+    """
 
     def __init__(self, enabled: bool, stream: IO[str] | None = None) -> None:
         self.stream = stream if stream is not None else sys.stderr
         self.enabled = enabled
-        self.interactive = enabled and bool(getattr(self.stream, "isatty", lambda: False)())
+        self.notebook = enabled and stream is None and in_notebook()
+        tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.interactive = enabled and (self.notebook or (tty and has_terminal_size(self.stream)))
         self._epoch_bar: Any = None
         self._batch_bar: Any = None
+
+    def _bar(self, **kwargs: Any) -> Any:
+        from tqdm.auto import tqdm  # notebook widgets in Jupyter, text bars on a terminal
+
+        if self.notebook:
+            return tqdm(**kwargs)
+        return tqdm(file=self.stream, **kwargs)
 
     def start(self, total_epochs: int, first_epoch: int) -> None:
         if not self.interactive:
             return
-        import tqdm
-
-        self._epoch_bar = tqdm.tqdm(
-            total=total_epochs, initial=first_epoch, desc="epoch", position=0, leave=True, file=self.stream
-        )
+        self._epoch_bar = self._bar(total=total_epochs, initial=first_epoch, desc="epoch", position=0, leave=True)
 
     def epoch_begin(self, epoch: int, total_batches: int | None, phase: str = "train") -> None:
         if not self.interactive:
             return
-        import tqdm
-
         self._close_batch_bar()
-        self._batch_bar = tqdm.tqdm(
-            total=total_batches, desc=f"{phase} {epoch}", position=1, leave=False, file=self.stream
-        )
+        self._batch_bar = self._bar(total=total_batches, desc=f"{phase} {epoch}", position=1, leave=False)
 
     def batch_done(self) -> None:
         bar = self._batch_bar
