@@ -21,6 +21,7 @@ Used from ``mkdocs.yml``::
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import logging
 import re
@@ -80,8 +81,35 @@ def _canonical(package: Any, path: str) -> str | None:
             if node.is_alias:
                 node = node.final_target
         except (KeyError, AttributeError, griffe.AliasResolutionError, griffe.CyclicAliasError):
-            return None
+            return _imported(package, path)
     return str(node.path)
+
+
+def _imported(package: Any, path: str) -> str | None:
+    """Where ``path`` leads when imported: for names a module provides lazily, through a
+    module-level ``__getattr__`` (``zae_trainer.addons.StateManagerAddon``), which static
+    analysis cannot see. None if importing it fails."""
+    parts = path.split(".")
+    for cut in range(len(parts) - 1, 0, -1):  # the longest importable module prefix
+        try:
+            obj: Any = importlib.import_module(".".join(parts[:cut]))
+        except Exception:  # noqa: BLE001 - not a module: try a shorter prefix
+            continue
+        try:
+            rest = parts[cut:]
+            for i, attr in enumerate(rest):
+                obj = getattr(obj, attr)
+                if isinstance(obj, type):  # the rest lives in this class, found statically
+                    real = f"{obj.__module__}.{obj.__qualname__}"
+                    tail = rest[i + 1 :]
+                    full = ".".join([real, *tail])
+                    if full == path or not real.startswith(package.name + "."):
+                        return None
+                    return _canonical(package, full)
+        except AttributeError:
+            return None
+        return None
+    return None
 
 
 class SphinxRoles(griffe.Extension):
