@@ -24,6 +24,22 @@ class TinyTrainer(Trainer):
         return {"loss": nn.functional.mse_loss(out, y), "output": out}
 
 
+class StepLossTrainer(TinyTrainer):
+    """Keeps every training batch's loss as a float, through the ``record_step`` extension point.
+
+    Reads one value per step (a sync): for tests that compare per-step values, never for speed.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.step_losses: list[float] = []
+
+    def record_step(self, outputs: Any, batch_size: int) -> None:
+        super().record_step(outputs, batch_size)
+        if self.phase == "train":
+            self.step_losses.append(float(outputs["loss"].detach()))
+
+
 def tiny_data(n: int = 20, seed: int = 0) -> TensorDataset:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 3, generator=g)

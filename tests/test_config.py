@@ -1,4 +1,4 @@
-"""Trainer.from_config: objects built from names, errors that name the key path."""
+"""from_config: objects built from names, errors that name the key path."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 import yaml
 from torch import nn
 
-from zae_trainer import SupervisedTrainer, Trainer
+from zae_trainer import SupervisedTrainer, from_config
 from zae_trainer.config import ConfigError, apply_overrides, build_data, fit, load_config
 from zae_trainer.losses import BinaryCrossEntropyLoss
 
@@ -36,7 +36,7 @@ def base_config(**changes: Any) -> dict[str, Any]:
 
 
 def test_objects_are_built_from_names_with_their_options(tmp_path: Path) -> None:
-    trainer = Trainer.from_config(
+    trainer = from_config(
         base_config(
             scheduler={"name": "StepLR", "step_size": 3, "gamma": 0.5, "step_on_batch": True},
             loss={"name": "bce", "label_smoothing": 0.1},
@@ -57,8 +57,8 @@ def test_objects_are_built_from_names_with_their_options(tmp_path: Path) -> None
 
 def test_torch_losses_and_model_objects_are_accepted() -> None:
     model = nn.Linear(3, 1)
-    trainer = TinyTrainer.from_config(
-        {"model": model, "optimizer": "Adam", "loss": {"name": "MSELoss"}, "trainer": {"device": "cpu"}}
+    trainer = from_config(
+        {"model": model, "optimizer": "Adam", "loss": {"name": "MSELoss"}, "trainer": {"device": "cpu"}}, TinyTrainer
     )
     assert type(trainer) is TinyTrainer  # a concrete subclass builds itself
     assert trainer.model is model
@@ -105,7 +105,7 @@ def test_a_yaml_file_with_overrides_trains_the_digits_model(tmp_path: Path) -> N
 )
 def test_invalid_configs_name_the_key_path(changes: dict[str, Any], path: str, words: str) -> None:
     with pytest.raises(ConfigError) as info:
-        Trainer.from_config(base_config(**changes))
+        from_config(base_config(**changes))
     assert info.value.path == path
     assert str(info.value).startswith(f"config.{path}:")
     assert words in str(info.value)
@@ -131,7 +131,7 @@ def test_invalid_run_and_data_sections_name_the_key_path(tmp_path: Path) -> None
 def test_load_config_copies_so_building_never_changes_the_callers_dict() -> None:
     config = base_config()
     before = yaml.safe_dump(config)
-    Trainer.from_config(config)
+    from_config(config)
     assert yaml.safe_dump(config) == before
 
 
@@ -153,7 +153,7 @@ def test_supervised_trainer_reports_accuracy_and_rejects_other_batch_layouts() -
 
 def test_addons_taking_open_keywords_receive_them_from_a_config() -> None:
     pytest.importorskip("wandb")
-    trainer = Trainer.from_config(base_config(addons=[{"name": "wandb", "project": "digits", "mode": "offline"}]))
+    trainer = from_config(base_config(addons=[{"name": "wandb", "project": "digits", "mode": "offline"}]))
     addon = trainer.get_addon("wandb")
     assert addon.init_kwargs == {"project": "digits", "mode": "offline"}  # what wandb.init will get
 
@@ -170,7 +170,7 @@ def test_yaml_and_overrides_read_exponent_numbers_as_floats(tmp_path: Path) -> N
     apply_overrides(config, ["optimizer.lr=5e-4", "optimizer.betas=[0.9, 9.99e-1]", "model_args.hidden=1_6"])
     assert config["optimizer"]["lr"] == 5e-4 and isinstance(config["optimizer"]["lr"], float)
     assert config["optimizer"]["betas"] == [0.9, 0.999] and config["model_args"]["hidden"] == 16
-    trainer = Trainer.from_config(config)
+    trainer = from_config(config)
     assert trainer.optimizer.param_groups[0]["lr"] == 5e-4
     assert trainer.optimizer.param_groups[0]["betas"] == (0.9, 0.999)
     # words that only look numeric stay strings
@@ -180,7 +180,7 @@ def test_yaml_and_overrides_read_exponent_numbers_as_floats(tmp_path: Path) -> N
 
 def test_a_misspelt_optimizer_setting_suggests_the_name_and_lists_valid_ones_as_valid() -> None:
     with pytest.raises(ConfigError) as info:
-        Trainer.from_config(base_config(optimizer={"name": "AdamW", "lrr": 0.1, "weight_decay": 0.01}))
+        from_config(base_config(optimizer={"name": "AdamW", "lrr": 0.1, "weight_decay": 0.01}))
     message = str(info.value)
     assert info.value.path == "optimizer.lrr"
     assert "AdamW has no setting 'lrr'. Did you mean 'lr'?" in message
@@ -208,13 +208,13 @@ def test_import_paths_resolve_beside_the_config_file(tmp_path: Path, monkeypatch
     monkeypatch.setattr("sys.path", list(__import__("sys").path))
     # a dict has no folder: the module is not found, and the error says where it looked
     with pytest.raises(ConfigError, match=r"config\.model: cannot import module 'beside_config_models'"):
-        Trainer.from_config(load_config(folder / "a.yaml"))
-    trainer = Trainer.from_config(folder / "a.yaml")  # a file: its folder is searched
+        from_config(load_config(folder / "a.yaml"))
+    trainer = from_config(folder / "a.yaml")  # a file: its folder is searched
     assert trainer.model.out_features == 5
-    trainer = Trainer.from_config(folder / "b.yaml")  # a .py path relative to the config
+    trainer = from_config(folder / "b.yaml")  # a .py path relative to the config
     assert type(trainer.model).__name__ == "Net"
     with pytest.raises(ConfigError, match=r"config\.model: .*no file"):
-        Trainer.from_config(dict(base_config(), model="nets/missing.py:Net"))
+        from_config(dict(base_config(), model="nets/missing.py:Net"))
 
 
 def test_errors_inside_the_users_factories_keep_their_type_and_traceback(tmp_path: Path) -> None:
@@ -224,7 +224,7 @@ def test_errors_inside_the_users_factories_keep_their_type_and_traceback(tmp_pat
     )
     (tmp_path / "c.yaml").write_text("model: broken_user_factories:make_model\noptimizer: SGD\n")
     with pytest.raises(ValueError, match="shape mismatch in my model") as info:
-        Trainer.from_config(tmp_path / "c.yaml")
+        from_config(tmp_path / "c.yaml")
     assert not isinstance(info.value, ConfigError)
     assert any(entry.name == "make_model" for entry in info.traceback)
     with pytest.raises(ModuleNotFoundError, match="this_dependency_is_not_installed_anywhere"):

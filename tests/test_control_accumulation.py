@@ -145,10 +145,17 @@ def test_only_non_final_micro_batches_run_under_no_sync() -> None:
 
 
 def test_clipping_acts_once_per_group_on_the_accumulated_gradients() -> None:
-    trainer = _trainer(cls=TinyRegressionTrainer.add_on(GradientClippingAddon(max_norm=1e9)), accumulate_grad_batches=5,
-                       log_every_n_steps=1)
+    class Logged(AddOn):  # log_every_n_steps=1: each LOG holds one step's norm
+        def __init__(self) -> None:
+            self.norms: list[float] = []
+
+        def on_log(self, trainer: Any, metrics: dict[str, float]) -> None:
+            self.norms.append(metrics["train/grad_norm"])
+
+    trainer = _trainer(cls=TinyRegressionTrainer.add_on(GradientClippingAddon(max_norm=1e9), Logged),
+                       accumulate_grad_batches=5, log_every_n_steps=1)
     trainer.run(1, _chunks(10, 4))
-    norms = trainer.log_train["grad_norm"]
+    norms = trainer.get_addon(Logged).norms
     assert len(norms) == 2
 
     torch.manual_seed(0)

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 import torch
 
-from core_helpers import Recorder, TinyTrainer, tiny_loader, tiny_trainer
-from zae_trainer import AddOn, AddOnHookError, Event, SkipStep, Trainer
+from core_helpers import Recorder, StepLossTrainer, TinyTrainer, tiny_loader, tiny_trainer
+from zae_trainer import AddOn, Event, SkipStep, Trainer
 
 FIXTURES = json.loads((Path(__file__).parent / "fixtures" / "event_sequences.json").read_text())
 
@@ -84,18 +84,30 @@ def test_every_subscribed_addon_runs_although_none_calls_super() -> None:
     assert sorted(calls) == ["A", "A", "B", "B"]
 
 
-def test_hook_exception_is_reraised_naming_addon_and_event() -> None:
+def test_hook_exception_keeps_its_type_and_a_note_names_addon_and_event() -> None:
     class Faulty(AddOn):
         def on_epoch_end(self, trainer: Any) -> None:
             raise KeyError("missing thing")
 
-    trainer = tiny_trainer(TinyTrainer.add_on(Faulty))
-    with pytest.raises(AddOnHookError) as info:
+    trainer = tiny_trainer(TinyTrainer.add_on(Faulty, Recorder))
+    with pytest.raises(KeyError, match="missing thing") as info:
         trainer.run(1, tiny_loader())
-    err = info.value
-    assert err.addon_name == "Faulty" and err.event is Event.EPOCH_END
-    assert "Faulty" in str(err) and "Event.EPOCH_END" in str(err) and "missing thing" in str(err)
-    assert isinstance(err.__cause__, KeyError)
+    assert type(info.value) is KeyError  # not wrapped: `except KeyError` around run() catches it
+    assert info.value.__notes__ == ["raised by add-on 'Faulty' while handling Event.EPOCH_END"]
+    assert trainer.get_addon(Recorder).trace[-2:] == ["EXCEPTION e1 s3 KeyError", "RUN_END e1 s3"]
+
+
+def test_per_batch_hook_exception_keeps_its_type_and_names_the_addon() -> None:
+    class Custom(Exception):
+        pass
+
+    class FaultyStep(AddOn):
+        def on_after_backward(self, trainer: Any) -> None:
+            raise Custom("bad gradient")
+
+    with pytest.raises(Custom) as info:
+        tiny_trainer(TinyTrainer.add_on(FaultyStep)).run(1, tiny_loader())
+    assert info.value.__notes__ == ["raised by add-on 'FaultyStep' while handling Event.AFTER_BACKWARD"]
 
 
 def test_skip_step_leaves_parameters_unchanged_and_is_counted() -> None:
@@ -137,7 +149,10 @@ def test_an_event_nobody_listens_to_costs_no_dispatch() -> None:
 
     built = TinyTrainer.add_on(OnlyEpochEnd)
     assert set(built._zt_handlers) == {Event.EPOCH_END}
-    assert tiny_trainer(TinyTrainer)._emit_hot.__name__ == "_ignore_event"
+    trainer = tiny_trainer(built)
+    per_batch = ("_fire_batch_begin", "_fire_before_backward", "_fire_after_backward", "_fire_before_step",
+                 "_fire_after_step", "_fire_batch_end", "_fire_valid_batch_end")
+    assert [getattr(trainer, name) for name in per_batch] == [None] * len(per_batch)
 
 
 def test_log_event_carries_floats_from_the_flushed_interval() -> None:
@@ -147,10 +162,10 @@ def test_log_event_carries_floats_from_the_flushed_interval() -> None:
         def on_log(self, trainer: Any, metrics: dict[str, float]) -> None:
             seen.append(dict(metrics))
 
-    trainer = tiny_trainer(TinyTrainer.add_on(Catch), log_every_n_steps=2)
+    trainer = tiny_trainer(StepLossTrainer.add_on(Catch), log_every_n_steps=2)
     trainer.run(1, tiny_loader(32, 8))
     assert len(seen) == 2 and all(set(m) == {"train/loss"} for m in seen)
-    history = trainer.get_loss_history()
+    history = trainer.step_losses
     assert seen[0]["train/loss"] == pytest.approx(sum(history[:2]) / 2)
     assert all(isinstance(v, float) for m in seen for v in m.values())
 

@@ -18,8 +18,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from core_helpers import TinyTrainer, tiny_data, tiny_loader, tiny_trainer
+from core_helpers import StepLossTrainer, TinyTrainer, tiny_data, tiny_loader, tiny_trainer
 from zae_trainer import (
+    AddOn,
     NonFiniteLossError,
     ProgressChecker,
     StepOutputError,
@@ -80,7 +81,7 @@ def test_parameters_after_two_epochs_are_bit_identical_to_a_raw_pytorch_loop() -
 
 
 def test_epoch_means_are_weighted_by_batch_size() -> None:
-    class ConstantPerBatch(TinyTrainer):
+    class ConstantPerBatch(StepLossTrainer):
         def train_step(self, batch: Any) -> dict[str, Any]:
             x, _ = batch
             out = super().train_step(batch)
@@ -91,7 +92,7 @@ def test_epoch_means_are_weighted_by_batch_size() -> None:
     trainer.run(1, tiny_loader(20, 8))
     # weighted: (8*8 + 8*8 + 4*4) / 20 = 7.2 ; an unweighted mean would give 6.67
     assert trainer.epoch_metrics["train/size"] == pytest.approx(7.2)
-    losses = trainer.get_loss_history()
+    losses = trainer.step_losses
     assert trainer.epoch_metrics["train/loss"] == pytest.approx((8 * losses[0] + 8 * losses[1] + 4 * losses[2]) / 20)
 
 
@@ -125,7 +126,7 @@ def test_no_tensor_is_converted_to_a_python_number_per_step(conversion_counter: 
     trainer.run(1, loader)
     # 3 flushes (steps 10, 20, 30), each one tolist() for the stacked values of the 2 metrics
     assert conversion_counter == collections.Counter({"tolist": 6})
-    assert len(trainer.get_loss_history()) == 30
+    assert trainer.progress_checker.step == 30
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -136,10 +137,18 @@ def test_cuda_sync_debug_mode_passes_between_log_points() -> None:  # pragma: no
     data = tiny_data(256)
     loader = DataLoader(TensorDataset(data.tensors[0].cuda(), data.tensors[1].cuda()), batch_size=8)
     trainer.run(1, loader)  # warm-up
-    torch.cuda.set_sync_debug_mode("error")
+
+    class NoSyncInsideBatches(AddOn):  # flushes at log points and epoch end happen outside
+        def on_train_batch_begin(self, trainer: Any) -> None:
+            torch.cuda.set_sync_debug_mode("error")
+
+        def on_train_batch_end(self, trainer: Any) -> None:
+            torch.cuda.set_sync_debug_mode(0)
+
+    watched = TinyTrainer.add_on(NoSyncInsideBatches)(model, "cuda", "train", trainer.optimizer, None, log_bar=False,
+                                                      log_every_n_steps=1000, handle_signals=False)
     try:
-        for batch in loader:
-            trainer.run_batch(batch)
+        watched.run(1, loader)
     finally:
         torch.cuda.set_sync_debug_mode(0)
 
@@ -174,7 +183,7 @@ def test_bad_train_step_results_raise_errors_that_name_the_problem(result: Any, 
 
 
 def test_non_finite_loss_raises_naming_the_step() -> None:
-    class NanAtStep3(TinyTrainer):
+    class NanAtStep3(StepLossTrainer):
         def train_step(self, batch: Any) -> dict[str, Any]:
             out = super().train_step(batch)
             if self.progress_checker.step == 2:  # the third step
@@ -187,7 +196,7 @@ def test_non_finite_loss_raises_naming_the_step() -> None:
     assert info.value.step == 3
     tolerant = tiny_trainer(NanAtStep3, nonfinite_loss="ignore")
     tolerant.run(1, tiny_loader(48, 8))
-    assert math.isnan(tolerant.get_loss_history()[2])
+    assert math.isnan(tolerant.step_losses[2])
 
 
 def test_run_argument_errors() -> None:
@@ -219,11 +228,13 @@ def test_constructor_errors() -> None:
         )
 
 
-def test_unknown_mode_set_directly_is_caught_at_the_next_batch() -> None:
+def test_run_kind_and_phase_are_read_only() -> None:
     trainer = tiny_trainer()
-    trainer.mode = "eval"
-    with pytest.raises(TrainerConfigError, match="unknown mode 'eval'"):
-        trainer.run_batch(next(iter(tiny_loader())))
+    with pytest.raises(AttributeError):
+        trainer.phase = "valid"  # type: ignore[misc]
+    with pytest.raises(AttributeError):
+        trainer.run_kind = "test"  # type: ignore[misc]
+    assert (trainer.run_kind, trainer.phase) == ("train", "train")
 
 
 # -- schedulers, validation, inference -----------------------------------------------------------
@@ -254,10 +265,10 @@ def test_reduce_lr_on_plateau_is_stepped_with_the_monitored_metric() -> None:
 
 
 def test_reduce_lr_on_plateau_without_the_monitored_metric_is_a_clear_error() -> None:
-    trainer = tiny_trainer(monitor="valid/acc")
+    trainer = tiny_trainer(monitor="valid/loss", valid_every_n_epochs=2)  # epoch 1 does not validate
     trainer.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(trainer.optimizer)
-    with pytest.raises(TrainerConfigError, match="needs the monitored metric 'valid/acc'"):
-        trainer.run(1, tiny_loader(), tiny_loader(8, 8, seed=1))
+    with pytest.raises(TrainerConfigError, match="needs the monitored metric 'valid/loss'"):
+        trainer.run(2, tiny_loader(), tiny_loader(8, 8, seed=1))
 
 
 def test_validation_interval_and_last_epoch() -> None:
@@ -268,24 +279,31 @@ def test_validation_interval_and_last_epoch() -> None:
 
 
 def test_inference_returns_outputs_without_touching_logs_or_mode() -> None:
-    trainer = tiny_trainer()
+    trainer = tiny_trainer(StepLossTrainer)
     trainer.run(1, tiny_loader())
-    history, metrics = list(trainer.get_loss_history()), dict(trainer.epoch_metrics)
+    history, metrics = list(trainer.step_losses), dict(trainer.epoch_metrics)
     outputs = trainer.inference(tiny_loader(12, 5))
     assert [o.shape for o in outputs] == [(5, 1), (5, 1), (2, 1)]
     assert all(o.device.type == "cpu" and not o.requires_grad for o in outputs)
-    assert trainer.mode == "train" and trainer.model.training
-    assert trainer.get_loss_history() == history and trainer.epoch_metrics == metrics
+    assert trainer.phase == "train" and trainer.model.training
+    assert trainer.step_losses == history and trainer.epoch_metrics == metrics
 
 
 def test_test_mode_run_evaluates_without_training() -> None:
+    class PhaseSeen(TinyTrainer):
+        def record_step(self, outputs: Any, batch_size: int) -> None:
+            super().record_step(outputs, batch_size)
+            self.seen.append((self.phase, batch_size, tuple(outputs["output"].shape)))
+
     model = nn.Linear(3, 1)
-    trainer = TinyTrainer(model, "cpu", "test", None, None, log_bar=False, handle_signals=False)
+    trainer = PhaseSeen(model, "cpu", "test", None, None, log_bar=False, handle_signals=False)
+    trainer.seen = []
     before = [p.detach().clone() for p in model.parameters()]
     trainer.run(1, tiny_loader())
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert set(trainer.epoch_metrics) == {"test/loss"} and trainer.progress_checker.step == 0
-    assert len(trainer.log_test["output"]) == 3
+    assert trainer.seen == [("test", 8, (8, 1)), ("test", 8, (8, 1)), ("test", 4, (4, 1))]
+    assert trainer.run_kind == "test" and trainer.phase == "test"
 
 
 # -- devices and batches --------------------------------------------------------------------------
@@ -434,13 +452,13 @@ def test_interactive_stream_gets_tqdm_bars_with_loss_and_lr_in_the_postfix() -> 
 def test_a_run_resumed_mid_epoch_reports_the_same_epoch_means() -> None:
     stop_at = 3
 
-    class StopMidEpoch(TinyTrainer):
+    class StopMidEpoch(StepLossTrainer):
         def train_step(self, batch: Any) -> dict[str, Any]:
             if self.progress_checker.step == stop_at and not getattr(self, "resumed", False):
                 raise RuntimeError("simulated crash")
             return super().train_step(batch)
 
-    reference = tiny_trainer(log_every_n_steps=2)
+    reference = tiny_trainer(StepLossTrainer, log_every_n_steps=2)
     reference.run(1, tiny_loader(48, 8))
 
     crashed = tiny_trainer(StopMidEpoch, log_every_n_steps=2)
@@ -455,4 +473,4 @@ def test_a_run_resumed_mid_epoch_reports_the_same_epoch_means() -> None:
     resumed.run(1, tiny_loader(48, 8))
     assert resumed.progress_checker.step == 6
     assert resumed.epoch_metrics["train/loss"] == pytest.approx(reference.epoch_metrics["train/loss"], rel=1e-12)
-    assert resumed.get_loss_history() == pytest.approx(reference.get_loss_history(), rel=1e-12)
+    assert crashed.step_losses + resumed.step_losses == pytest.approx(reference.step_losses, rel=1e-12)

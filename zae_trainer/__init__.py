@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 from .addon import AddOn, AddOnBase
+from .config import from_config
+from .contract import TrainerView
 from .errors import (
     AddOnDefinitionError,
     AddOnHookError,
@@ -26,6 +28,8 @@ __version__ = "0.1.0"
 __all__ = [
     "Trainer",
     "SupervisedTrainer",
+    "from_config",
+    "TrainerView",
     "ProgressChecker",
     "seed_everything",
     "Event",

@@ -34,6 +34,7 @@ import inspect
 from typing import TYPE_CHECKING, Any, ClassVar, Final, TypeVar
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .events import Event
     from .trainer import Trainer
 
 __all__ = ["AddOn", "AddOnBase", "STRATEGY_METHODS", "REQUIRED"]
@@ -155,6 +156,15 @@ class AddOn:
         Validate settings against the trainer here (fail at construction, not at step
         10,000). ``self.trainer`` is already set.
         """
+
+    def idle_events(self) -> "frozenset[Event]":
+        """Events this instance, as configured, does not need to hear; asked once after ``setup``.
+
+        Dispatch leaves these hooks out of this trainer's call chains, so a hook that would
+        only return at once costs nothing per step (``PrecisionMixerAddon("fp32")`` has
+        nothing to unscale before the optimizer step). Default: none.
+        """
+        return frozenset()
 
     def state_dict(self) -> dict[str, Any]:
         """This add-on's resumable state: tensors and plain values only."""

@@ -21,12 +21,10 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 from .addon import REQUIRED, STRATEGY_METHODS, AddOn, AddOnBase
 from .errors import AddOnDefinitionError
 from .events import EVENT_ARGUMENTS, HOOK_NAMES, HOOK_PREFIX, Event
-from .registry import aliases_of, normalise
+from .dispatch import HandlerTable
+from .registry import aliases_of, normalise, resolve
 
 __all__ = ["AddOnSpec", "build_trainer_class", "route_settings", "HandlerTable"]
-
-#: event -> ((add-on index, unbound hook function), ...) in call order
-HandlerTable = Mapping[Event, tuple[tuple[int, Callable[..., Any]], ...]]
 
 
 @dataclass(frozen=True)
@@ -47,8 +45,6 @@ class AddOnSpec:
 def _to_spec(addon: Any) -> AddOnSpec | type[AddOnBase]:
     """Accept an add-on class, a configured instance, a registered name, or a legacy class."""
     if isinstance(addon, str):
-        from .registry import resolve
-
         addon = resolve(addon)
     if isinstance(addon, AddOn):
         return AddOnSpec(type(addon), dict(addon._given_settings))
@@ -235,7 +231,7 @@ def _validate(specs: Sequence[AddOnSpec], base: type) -> list[AddOnSpec]:
 
 def _export(index: int, name: str) -> Callable[..., Any]:
     def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
-        return getattr(self._zt_addons[index], name)(*args, **kwargs)
+        return getattr(self.addon_instances[index], name)(*args, **kwargs)
 
     forward.__name__ = name
     return forward

@@ -1,4 +1,4 @@
-"""Trainers from a dict or a YAML file: ``Trainer.from_config(config)``.
+"""Trainers from a dict or a YAML file: ``from_config(config)`` (``zae_trainer.from_config``).
 
 A config names everything; objects are built from ``torch.optim``, ``torch.optim.lr_scheduler``,
 ``torch.nn`` / :mod:`zae_trainer.losses`, registered add-ons, and import paths::
@@ -38,6 +38,8 @@ import yaml
 from torch import nn
 
 from .errors import TrainerConfigError
+from .registry import resolve
+from .supervised import SupervisedTrainer
 from .losses import LOSSES
 
 __all__ = [
@@ -46,6 +48,7 @@ __all__ = [
     "apply_overrides",
     "import_object",
     "build_trainer",
+    "from_config",
     "build_data",
     "build_optimizer",
     "build_scheduler",
@@ -362,7 +365,6 @@ def _build_model(config: Mapping[str, Any], base_dir: str | None) -> nn.Module:
 
 
 def _build_addons(entry: Any) -> list[Any]:
-    from .registry import resolve
 
     if entry is None:
         return []
@@ -420,8 +422,6 @@ def build_trainer(
     ``base_dir`` is where import paths that ``sys.path`` does not resolve are looked up:
     by default the config file's folder (none for a dict).
     """
-    from .supervised import SupervisedTrainer
-
     conf, base = _resolve_source(config, base_dir)
     unknown = sorted(set(conf) - set(TOP_LEVEL_KEYS))
     if unknown:
@@ -471,6 +471,25 @@ def build_trainer(
         trainer.loss_fn = loss  # for user subclasses that read self.loss_fn
     return trainer
 
+
+def from_config(
+    config: Mapping[str, Any] | str | os.PathLike[str],
+    trainer_cls: type | None = None,
+    base_dir: str | os.PathLike[str] | None = None,
+) -> Any:
+    """Build a trainer from a dict or a YAML file (was ``Trainer.from_config``).
+
+    ``trainer_cls`` is the trainer class to build (a concrete ``Trainer`` subclass, with the
+    config's add-ons composed onto it); by default a :class:`SupervisedTrainer`. It lives
+    here, not on ``Trainer``, so that the core never imports its own front end.
+
+    Examples
+    --------
+    >>> from zae_trainer import from_config
+    >>> trainer = from_config("examples/digits.yaml")  # doctest: +SKIP
+    >>> trainer = from_config({"model": model, "optimizer": "Adam"}, MyTrainer)  # doctest: +SKIP
+    """
+    return build_trainer(config, trainer_cls, base_dir)
 
 def _setting_path(message: str, keys: Iterable[str]) -> str:
     """``trainer.<key>`` for the first setting named in ``message`` (as a whole word), else ``trainer``."""

@@ -40,7 +40,16 @@ class AddOnDefinitionError(TypeError):
 
 
 class AddOnHookError(RuntimeError):
-    """An add-on's hook raised. The original exception is ``__cause__``.
+    """No longer raised by the core; kept so that code importing it keeps importing.
+
+    Exceptions raised inside an add-on's hook now leave ``emit`` with their own type
+    (``except FileNotFoundError`` or ``except NonFiniteLossError`` catch what the docs say is
+    raised). Where they came from is attached as an exception note, shown in the traceback::
+
+        NonFiniteLossError: non-finite loss at step 7 ...
+        raised by add-on 'nonfinite_guard' while handling Event.TRAIN_BATCH_END
+
+    To find the add-on programmatically, read ``exc.__notes__``.
 
     Attributes
     ----------

@@ -183,7 +183,7 @@ class AccelerateAddon(AddOn):
         if model is self._prepared:
             return model
         trainer = self.trainer
-        if trainer.mode != "train" or trainer.optimizer is None:
+        if trainer.run_kind != "train" or trainer.optimizer is None:
             prepared = self.accelerator.prepare_model(model, evaluation_mode=True)
         else:
             prepared, trainer.optimizer = self.accelerator.prepare(model, trainer.optimizer)

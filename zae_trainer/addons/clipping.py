@@ -6,9 +6,11 @@ gradients whatever the precision. The total norm before clipping is recorded wit
 ``trainer.record_metric`` as ``train/grad_norm``: it stays a device tensor until the next log
 point, so clipping adds no host-device synchronisation.
 
-The core's zae-engine keyword ``gradient_clip=x`` means the same as
-``GradientClippingAddon(max_norm=x)``; it also runs after the unscale (the core clips after
-``BEFORE_OPTIMIZER_STEP``). Use one or the other: setting both is an error.
+Per step it costs what a hand-written loop pays for the same work: one
+``clip_grad_norm_`` call (fused multi-tensor kernels where PyTorch has them) over a parameter
+list gathered once per run, and keeping a reference to the norm. The latest norm is also
+kept as ``last_norm`` (``(step, tensor)``), so the non-finite guard checks it instead of
+computing the norm a second time.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from typing import Any
 import torch
 
 from ..addon import AddOn
-from ..errors import TrainerConfigError
 
 __all__ = ["GradientClippingAddon"]
 
@@ -79,32 +80,40 @@ class GradientClippingAddon(AddOn):
         self.error_if_nonfinite = bool(error_if_nonfinite)
         self.foreach = foreach
         self.record_norm = bool(record_norm)
+        self.last_norm: tuple[int, torch.Tensor] | None = None  # (1-based step, total norm before clipping)
+        self._params: list[torch.nn.Parameter] = []
 
-    def setup(self, trainer: Any) -> None:
-        if trainer.gradient_clip > 0:
-            raise TrainerConfigError(
-                f"gradient_clip={trainer.gradient_clip} (the core's clipping) and GradientClippingAddon are both "
-                "set, which would clip twice. To fix, drop gradient_clip= or remove the add-on."
-            )
+    def on_run_begin(self, trainer: Any) -> None:
+        # Gathered once per run, after any wrapping (DDP): clip_grad_norm_ skips parameters
+        # without gradients itself, so the list need not change from step to step.
+        self._params = list(trainer.model.parameters())
 
     def on_before_optimizer_step(self, trainer: Any) -> None:
-        grads = [p for p in trainer.model.parameters() if p.grad is not None]
-        if not grads:
-            return
+        params = self._params
         if self.max_norm is not None:
             total = torch.nn.utils.clip_grad_norm_(
-                grads, self.max_norm, self.norm_type, self.error_if_nonfinite, self.foreach
+                params, self.max_norm, self.norm_type, self.error_if_nonfinite, self.foreach
             )
         else:
+            grads = [p.grad for p in params if p.grad is not None]
+            if not grads:
+                return
             total = None
             if self.record_norm or self.error_if_nonfinite:
-                total = torch.nn.utils.get_total_norm(
-                    [p.grad for p in grads], self.norm_type, self.error_if_nonfinite, self.foreach
-                )
+                total = torch.nn.utils.get_total_norm(grads, self.norm_type, self.error_if_nonfinite, self.foreach)
             assert self.clip_value is not None
-            torch.nn.utils.clip_grad_value_(grads, self.clip_value, self.foreach)
-        if self.record_norm and total is not None:
-            trainer.record_metric("grad_norm", total.detach())
+            torch.nn.utils.clip_grad_value_(params, self.clip_value, self.foreach)
+        if total is not None:
+            if hasattr(total, "full_tensor"):  # FSDP: a DTensor holding the global norm; keep a plain tensor
+                total = total.full_tensor()
+            self.last_norm = (trainer.progress_checker.step + 1, total)
+            if self.record_norm:
+                trainer.record_metric("grad_norm", total)  # computed under no_grad: no detach needed
+
+    @property
+    def computes_norm(self) -> bool:
+        """Whether every clipped step yields the total norm (``last_norm``)."""
+        return self.max_norm is not None or self.record_norm or self.error_if_nonfinite
 
 
 def _norm_type(value: float | str) -> float:

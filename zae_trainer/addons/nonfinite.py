@@ -3,11 +3,11 @@
 Policies, and what each costs:
 
 ``"raise"`` (default)
-    Every optimizer step, the step's loss and total gradient norm are kept **on the device**;
-    at the next log point (``log_every_n_steps``) and after the epoch's last batch they are
-    read in one transfer, and the first non-finite step raises
-    :class:`~zae_trainer.errors.NonFiniteLossError` naming the step and both values (inside an
-    ``AddOnHookError``, as every hook error is). No per-step synchronisation; the price is
+    Every optimizer step, references to the step's loss and total gradient norm are kept
+    **on the device** (no arithmetic per step); at the next log point (``log_every_n_steps``)
+    and after the epoch's last batch they are read in one transfer, and the first non-finite
+    step raises :class:`~zae_trainer.errors.NonFiniteLossError` naming the step and both
+    values (its own type: a note names the guard and the event). No per-step synchronisation; the price is
     that up to ``log_every_n_steps - 1`` further steps run before the error, exactly like the
     core's own ``nonfinite_loss="raise"`` check of the loss.
 ``"skip"``
@@ -28,7 +28,8 @@ epoch mean of ``train/loss`` is NaN for an epoch with a skipped step; monitor a 
 metric for checkpoints and early stopping.
 
 The gradient norm costs one extra pass over the gradients per step (``check_grads=False``
-turns it off). Under fp16 loss scaling, Inf/NaN gradients are expected from time to time and
+turns it off), except with ``"raise"`` beside ``GradientClippingAddon``: the guard then checks
+the norm the clipper computed for that step (``last_norm``) instead of computing it again. Under fp16 loss scaling, Inf/NaN gradients are expected from time to time and
 handled by the ``GradScaler`` (it skips those updates itself), so only the loss is checked.
 
 Ordering: the guard wraps ``backward`` outside the precision strategy (it sees the loss before
@@ -46,6 +47,8 @@ import torch
 
 from ..addon import AddOn
 from ..errors import NonFiniteLossError, SkipStep
+from .clipping import GradientClippingAddon
+from .precision import PrecisionMixerAddon
 
 __all__ = ["NonFiniteGuardAddon"]
 
@@ -58,10 +61,10 @@ _FIX = (
 
 
 class _LossWatch:
-    """Strategy: hand each backward's loss to the guard (no copy, no sync)."""
+    """Strategy: hand each backward's loss to the guard (a detached reference: no copy, no sync)."""
 
     def backward(self, loss: torch.Tensor) -> None:
-        self.get_addon(NonFiniteGuardAddon.name)._losses.append(loss.detach())  # type: ignore[attr-defined]
+        self.addon_of(NonFiniteGuardAddon)._losses.append(loss.detach())  # type: ignore[attr-defined]
         super().backward(loss)  # type: ignore[misc]
 
 
@@ -100,7 +103,10 @@ class NonFiniteGuardAddon(AddOn):
         self.skipped = 0
         self.last_bad: tuple[int, float, float] | None = None
         self._losses: list[torch.Tensor] = []  # this accumulation group's (loss / N) values
-        self._pending: list[tuple[int, torch.Tensor]] = []  # "raise": (step, [loss, grad norm]) on device
+        # "raise": (step, loss, grad norm or None) per optimizer step, all still on the device
+        self._pending: list[tuple[int, torch.Tensor, torch.Tensor | None]] = []
+        self._awaiting: tuple[int, torch.Tensor] | None = None  # loss whose norm the clipper computes
+        self._clipper: Any = None
         self._save_after_batch = False
         self._norm_checked = self.check_grads
         self._zero = torch.zeros(())
@@ -108,11 +114,14 @@ class NonFiniteGuardAddon(AddOn):
     def setup(self, trainer: Any) -> None:
         self._zero = torch.zeros((), device=trainer.device)
         if self.policy != "raise":
-            trainer.nonfinite_loss = "ignore"  # this guard decides; the core must not raise afterwards
+            trainer.set_nonfinite_loss("ignore")  # this guard decides; the core must not raise afterwards
 
     def on_run_begin(self, trainer: Any) -> None:
         # Known only now: the precision add-on creates its scaler in its own setup.
         self._norm_checked = self.check_grads and not self._loss_scaled(trainer)
+        clipper = trainer.addon_of(GradientClippingAddon)
+        # "raise" reads the norm the clipper computes anyway instead of a second pass.
+        self._clipper = clipper if clipper is not None and clipper.computes_norm and self.policy == "raise" else None
 
     # -- per optimizer step --------------------------------------------------------------
     def on_before_optimizer_step(self, trainer: Any) -> None:
@@ -121,10 +130,15 @@ class NonFiniteGuardAddon(AddOn):
             return
         step = trainer.progress_checker.step + 1
         loss = losses[0] if len(losses) == 1 else torch.stack(losses).sum()  # sum of loss / N: the group mean
-        values = torch.stack([loss.float().reshape(()), self._grad_norm(trainer)])
-        if self.policy == "raise":
-            self._pending.append((step, values))
+        if self.policy == "raise":  # no arithmetic per step: references only, read at log points
+            if not self._norm_checked:
+                self._pending.append((step, loss, None))
+            elif self._clipper is not None:
+                self._awaiting = (step, loss)  # the clipper's norm of this step is taken at batch end
+            else:
+                self._pending.append((step, loss, self._grad_norm(trainer)))
             return
+        values = torch.stack([loss.float().reshape(()), self._grad_norm(trainer)])
         flag = float((~torch.isfinite(values)).any().item())  # the one host read per step
         if trainer.world_size > 1:
             flag = trainer.all_reduce_sums([flag])[0]  # every rank skips the same steps
@@ -140,10 +154,7 @@ class NonFiniteGuardAddon(AddOn):
 
     @staticmethod
     def _loss_scaled(trainer: Any) -> bool:
-        try:
-            return getattr(trainer.get_addon("precision_mixer"), "scaler", None) is not None
-        except KeyError:
-            return False
+        return getattr(trainer.addon_of(PrecisionMixerAddon), "scaler", None) is not None
 
     def _handle(self, trainer: Any, step: int, values: list[float]) -> None:
         loss, norm = values
@@ -159,6 +170,12 @@ class NonFiniteGuardAddon(AddOn):
         raise SkipStep(reason)
 
     def on_train_batch_end(self, trainer: Any) -> None:
+        if self._awaiting is not None:
+            step, loss = self._awaiting
+            self._awaiting = None
+            last = self._clipper.last_norm
+            # a step skipped by another add-on after this guard ran was never clipped: loss only
+            self._pending.append((step, loss, last[1] if last is not None and last[0] == step else None))
         if self._save_after_batch:
             self._save_after_batch = False
             save = getattr(trainer, "save_state", None)
@@ -178,8 +195,11 @@ class NonFiniteGuardAddon(AddOn):
         if not self._pending:
             return
         pending, self._pending = self._pending, []
-        rows = torch.stack([v for _, v in pending]).tolist()  # one transfer for the interval
-        for (step, _), (loss, norm) in zip(pending, rows):
+        zero = self._zero
+        losses = torch.stack([loss.reshape(()).float() for _, loss, _ in pending])
+        norms = torch.stack([zero if norm is None else norm.reshape(()).float() for _, _, norm in pending])
+        rows = torch.stack([losses, norms], dim=1).tolist()  # one transfer for the interval
+        for (step, _, _), (loss, norm) in zip(pending, rows):
             if not (math.isfinite(loss) and math.isfinite(norm)):
                 self.last_bad = (step, loss, norm)
                 what = "loss" if not math.isfinite(loss) else "gradient norm"

@@ -7,9 +7,9 @@ What it changes, and where:
 * ``backward`` — for fp16, the loss is multiplied by the ``GradScaler``'s scale first, so small
   gradients do not underflow; other precisions pass the loss through unchanged.
 * ``BEFORE_OPTIMIZER_STEP`` — for fp16, the gradients are unscaled **once**, in place, before
-  any other add-on reads them. Gradient clipping (``runs_after = ("precision_mixer",)``), the
-  non-finite guard and the core's ``gradient_clip=`` all run after this hook, so they see true
-  gradient values.
+  any other add-on reads them. Gradient clipping (``runs_after = ("precision_mixer",)``) runs
+  after this hook, so it sees true gradient values. With fp32 or bf16 (no scaler) the add-on
+  leaves its per-step hooks out of dispatch (``idle_events``).
 * ``optimizer_step`` — for fp16, ``GradScaler.step`` (which skips the update when it found
   Inf/NaN gradients) then ``GradScaler.update`` (which adapts the scale).
 
@@ -48,6 +48,7 @@ import torch
 
 from ..addon import AddOn
 from ..errors import TrainerConfigError
+from ..events import Event
 
 __all__ = ["PrecisionMixerAddon", "resolve_precision"]
 
@@ -126,22 +127,27 @@ def _within(outer: ContextManager[Any], device_type: str, dtype: torch.dtype) ->
 
 
 class _MixedPrecisionStrategy:
-    """Trainer methods the add-on overrides; each chains with ``super()``."""
+    """Trainer methods the add-on overrides; each chains with ``super()``.
+
+    The add-on is found with ``addon_of`` (one dictionary lookup bound at construction); with
+    fp32 each method only passes through, and ``autocast`` returns the core's no-op context,
+    which the loop does not enter.
+    """
 
     def autocast(self) -> ContextManager[Any]:
-        mixer: PrecisionMixerAddon = self.get_addon(PrecisionMixerAddon.name)  # type: ignore[attr-defined]
+        mixer = self.addon_of(PrecisionMixerAddon)  # type: ignore[attr-defined]
         if mixer.dtype is None:
             return super().autocast()  # type: ignore[misc, no-any-return]
         return _within(super().autocast(), self.device.type, mixer.dtype)  # type: ignore[misc, attr-defined]
 
     def backward(self, loss: torch.Tensor) -> None:
-        mixer: PrecisionMixerAddon = self.get_addon(PrecisionMixerAddon.name)  # type: ignore[attr-defined]
-        if mixer.scaler is not None:
-            loss = mixer.scaler.scale(loss)
+        scaler = self.addon_of(PrecisionMixerAddon).scaler  # type: ignore[attr-defined]
+        if scaler is not None:
+            loss = scaler.scale(loss)
         super().backward(loss)  # type: ignore[misc]
 
     def optimizer_step(self) -> None:
-        mixer: PrecisionMixerAddon = self.get_addon(PrecisionMixerAddon.name)  # type: ignore[attr-defined]
+        mixer = self.addon_of(PrecisionMixerAddon)  # type: ignore[attr-defined]
         if mixer.scaler is None:
             super().optimizer_step()  # type: ignore[misc]
             return
@@ -215,6 +221,12 @@ class PrecisionMixerAddon(AddOn):
             self.scaler = torch.amp.GradScaler(
                 trainer.device.type, init_scale=self.init_scale, growth_interval=self.growth_interval
             )
+
+    def idle_events(self) -> frozenset[Event]:
+        # Without a loss scaler there is nothing to unscale or settle: no per-step hooks.
+        if self.scaler is None:
+            return frozenset({Event.BEFORE_OPTIMIZER_STEP, Event.TRAIN_BATCH_END, Event.EPOCH_END})
+        return frozenset()
 
     # -- hooks ------------------------------------------------------------------------
     def on_before_optimizer_step(self, trainer: Any) -> None:

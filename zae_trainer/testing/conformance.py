@@ -212,7 +212,7 @@ def check_no_per_step_sync(addon: AddOnLike, settings: Mapping[str, Any] | None 
             setattr(torch.Tensor, name, counting(name))
         run = steps - 1 - trainer.progress_checker.step % steps  # stop just before the next log point
         for batch in batches[:run]:
-            trainer.run_batch(batch)
+            trainer._train_batch(batch)  # one batch, as the loop runs it
     finally:
         for name, original in originals.items():
             setattr(torch.Tensor, name, original)
