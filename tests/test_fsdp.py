@@ -14,8 +14,6 @@ scenario once, and the tests below each check one property of what it left behin
 from __future__ import annotations
 
 import json
-import os
-import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -25,17 +23,15 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "fsdp_scripts"))
-
-from ddp_helpers import SetEpoch  # noqa: E402
-from fsdp_helpers import Block, StackTrainer, TinyStack, stack_data, stack_loader, stack_trainer, weights  # noqa: E402
-from zae_trainer import TrainerConfigError  # noqa: E402
-from zae_trainer.addons.checkpoint.formats import read_weights  # noqa: E402
-from zae_trainer.addons.clipping import GradientClippingAddon  # noqa: E402
-from zae_trainer.addons.distributed.fsdp import FSDPAddon, default_shard_policy  # noqa: E402
-from zae_trainer.addons.multi_gpu import MultiGPUAddon  # noqa: E402
-from zae_trainer.addons.state_manager import StateManagerAddon  # noqa: E402
-from zae_trainer.errors import AddOnDefinitionError  # noqa: E402
+from ddp_helpers import SetEpoch, fast_start_method
+from fsdp_helpers import Block, StackTrainer, TinyStack, stack_data, stack_loader, stack_trainer, weights
+from zae_trainer import TrainerConfigError
+from zae_trainer.addons.checkpoint.formats import read_weights
+from zae_trainer.addons.clipping import GradientClippingAddon
+from zae_trainer.addons.distributed.fsdp import FSDPAddon, default_shard_policy
+from zae_trainer.addons.multi_gpu import MultiGPUAddon
+from zae_trainer.addons.state_manager import StateManagerAddon
+from zae_trainer.errors import AddOnDefinitionError
 
 # Parameters of 2 FSDP ranks and of one process at double batch differ only by the order of
 # float32 additions (a reduce-scatter sums the two halves of each gradient); measured here:
@@ -45,7 +41,7 @@ RTOL, ATOL = 1e-5, 1e-6
 
 @pytest.fixture(scope="module")
 def scenario(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    from scenarios import launch
+    from fsdp_scripts.scenarios import launch
 
     out = tmp_path_factory.mktemp("fsdp")
     codes = launch("resume_then_kill", str(out), timeout=30.0, deadline=300.0)
@@ -159,7 +155,8 @@ def test_sigkill_of_a_rank_during_a_dcp_save_leaves_the_previous_checkpoint(scen
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_spawned_fsdp_run_hands_the_full_state_back(tmp_path: Path) -> None:
-    trainer = stack_trainer(FSDPAddon, world_size=2, accumulate_grad_batches=2, collective_timeout=60.0)
+    trainer = stack_trainer(FSDPAddon, world_size=2, accumulate_grad_batches=2, collective_timeout=60.0,
+                            start_method=fast_start_method())
     trainer.run(1, stack_loader(16, 2))
     reference = stack_trainer(accumulate_grad_batches=2)
     reference.run(1, stack_loader(16, 4))

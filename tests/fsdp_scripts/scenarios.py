@@ -125,8 +125,10 @@ def launch(name: str, out: str, timeout: float = 20.0, deadline: float = 240.0) 
 
     from zae_trainer.addons.distributed.env import free_port
 
+    from ddp_helpers import fast_start_method
+
     context = mp.start_processes(_worker, args=(name, out, free_port(), timeout), nprocs=2, join=False,
-                                 start_method="spawn")
+                                 start_method=fast_start_method())
     end = time.monotonic() + deadline
     for process in context.processes:
         process.join(max(0.0, end - time.monotonic()))

@@ -34,12 +34,13 @@ wait for it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import sys
 import warnings
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 import torch
 import torch.distributed as dist
@@ -85,6 +86,14 @@ def _rank() -> int:
 
 def _world() -> int:
     return dist.get_world_size() if _distributed() else 1
+
+
+@contextlib.contextmanager
+def _quiet_single_process() -> Iterator[None]:
+    """DCP warns on every call without a process group that it assumes one process: we mean it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
 
 
 def _rank_name(rank: int) -> str:
@@ -273,7 +282,8 @@ def save_dcp(manager: "StateManagerAddon", reasons: list[str], wait_for_write: b
 
         writer.submit(final, finish)
         return final if rank == 0 else None
-    dcp.save(tensors, checkpoint_id=temp, no_dist=world == 1)
+    with _quiet_single_process():
+        dcp.save(tensors, checkpoint_id=temp, no_dist=world == 1)
     _write_tree(temp, _rank_name(rank), per_rank)
     if rank == 0:
         _write_tree(temp, DCP_STATE_JSON[: -len(".json")], common)
@@ -374,7 +384,8 @@ def read_dcp_checkpoint(path: str, trainer: Any, strict: bool = True) -> dict[st
     if use_optimizer:
         tensors["optimizer"] = _split_optimizer(optimizer_state)[0]
     try:
-        dcp.load(tensors, checkpoint_id=path, planner=_safe_planner(allow_partial=not strict), no_dist=world == 1)
+        with _quiet_single_process():
+            dcp.load(tensors, checkpoint_id=path, planner=_safe_planner(allow_partial=not strict), no_dist=world == 1)
     except Exception as exc:  # DCP raises CheckpointException / RuntimeError naming the missing keys
         raise CheckpointMismatchError(
             f"could not load {path!r} into this model: {type(exc).__name__}: {str(exc).strip()[:800]}. To fix, build "
