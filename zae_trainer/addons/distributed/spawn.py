@@ -43,6 +43,7 @@ import sys
 import tempfile
 import time
 import traceback
+import types
 from datetime import timedelta
 from typing import Any, Mapping, Sequence
 
@@ -153,6 +154,7 @@ def _write_job(
         "plan": plan,
         "rng": _capture_rng(),
     }
+    _refuse_objects_from_interactive_main(job, plan)
     try:
         torch.save(job, os.path.join(folder, _JOB))
     except (pickle.PicklingError, AttributeError, TypeError) as exc:
@@ -163,6 +165,56 @@ def _write_job(
             "datasets and collate functions at module level (not inside a function, not as lambdas), or start "
             "the processes yourself with torchrun, where nothing needs to pickle."
         ) from exc
+
+
+class _MainReferenceFinder(pickle.Pickler):
+    """Pickles into nothing, noting the classes and functions that live in ``__main__``.
+
+    Tensor storages are replaced by a placeholder, so that finding them costs no copy."""
+
+    def __init__(self) -> None:
+        super().__init__(_Discard(), protocol=pickle.HIGHEST_PROTOCOL)
+        self.found: dict[str, None] = {}
+
+    def reducer_override(self, obj: Any) -> Any:
+        owner = obj if isinstance(obj, (type, types.FunctionType)) else type(obj)
+        if getattr(owner, "__module__", None) == "__main__":
+            self.found[getattr(owner, "__qualname__", repr(owner))] = None
+        return NotImplemented
+
+    def persistent_id(self, obj: Any) -> Any:
+        if isinstance(obj, (torch.UntypedStorage, torch.TypedStorage)):
+            return "storage"
+        return None
+
+
+class _Discard:
+    def write(self, data: bytes) -> int:
+        return len(data)
+
+
+def _refuse_objects_from_interactive_main(job: Mapping[str, Any], plan: SpawnPlan) -> None:
+    """Before any process starts: refuse a job that names classes or functions defined in a
+    notebook (or ``python -c``), which spawned workers cannot import, with what to do instead."""
+    main = sys.modules.get("__main__")
+    if main is None or getattr(main, "__file__", None):
+        return  # a script: workers import its classes from the file
+    finder = _MainReferenceFinder()
+    try:
+        finder.dump(job)
+    except Exception:  # an unpicklable job: _write_job reports it, with its own advice
+        pass
+    if finder.found:
+        names = ", ".join(list(finder.found)[:8])
+        raise TrainerConfigError(
+            f"MultiGPUAddon cannot start {plan.world_size} worker processes from this notebook or interactive "
+            f"session: {names} {'is' if len(finder.found) == 1 else 'are'} defined in it (module __main__, which "
+            f"has no file), and the '{plan.start_method}' start method rebuilds the trainer in fresh processes "
+            "that can only import classes from files. Nothing was started. To fix, either move those "
+            "definitions into a .py module next to the notebook and import them from there, or put the "
+            "training in a script and launch it with torchrun (torchrun --nproc-per-node=N train.py). "
+            "('fork' is not offered: forking a process that has started CUDA is unsafe.)"
+        )
 
 
 def _stop(processes: Sequence[Any]) -> None:
