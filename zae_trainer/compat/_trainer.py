@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..addon import AddOn
+from ..contract import Phase
 from ..errors import TrainerConfigError
 from ..progress import ProgressChecker
 from ..trainer import Trainer as CoreTrainer
@@ -156,7 +157,7 @@ class Trainer(CoreTrainer.add_on(ZaeEngineLayer)):  # type: ignore[misc]
             **settings,
         )
         if model is None:
-            self.model = None  # type: ignore[assignment]
+            self.model = None
         if self.monitor_mode == "max":
             self.loss_buffer = -math.inf
         self._zae_web_loggers = tuple(a for a in self.addon_instances if hasattr(a, "log_step"))
@@ -202,8 +203,8 @@ class Trainer(CoreTrainer.add_on(ZaeEngineLayer)):  # type: ignore[misc]
         super().record_step(outputs, batch_size)
         self.logging(dict(outputs))
 
-    def phase_end_metrics(self, phase: str) -> Mapping[str, Any]:  # type: ignore[override]
-        extra = dict(super().phase_end_metrics(phase))  # type: ignore[arg-type]
+    def phase_end_metrics(self, phase: Phase) -> Mapping[str, Any]:
+        extra = dict(super().phase_end_metrics(phase))
         return {**extra, **self._zae_phase_end("train" if phase == "train" else "test")}
 
     def _zae_phase_end(self, mode: str) -> dict[str, float]:
@@ -271,8 +272,7 @@ class Trainer(CoreTrainer.add_on(ZaeEngineLayer)):  # type: ignore[misc]
         for key, values in log.items():
             if "output" in key:
                 continue
-            numbers = [_as_float(v) for v in values]
-            numbers = [v for v in numbers if v is not None]
+            numbers = [n for n in (_as_float(v) for v in values) if n is not None]
             if numbers:
                 report[key] = f"{sum(numbers) / len(numbers):.6f}"
         return report
@@ -432,7 +432,7 @@ class Trainer(CoreTrainer.add_on(ZaeEngineLayer)):  # type: ignore[misc]
                 step_dict = self.test_step(batch)
         self.logging(dict(step_dict))
 
-    def inference(self, loader: Iterable[Any]) -> list[Any]:  # type: ignore[override]
+    def inference(self, loader: Iterable[Any]) -> list[Any]:
         """Evaluate ``loader``; return ``log_test["output"]`` (one CPU tensor per batch).
 
         As zae-engine: ``log_test`` holds this pass's values afterwards; ``mode``,

@@ -192,8 +192,8 @@ def _load_storage(data: bytes) -> Any:
 
 #: the only callables a zae-engine pickle may name: what optimizer and scheduler state dicts hold
 _ALLOWED: dict[tuple[str, str], Callable[..., Any]] = {
-    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,  # type: ignore[attr-defined]
-    ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,  # type: ignore[attr-defined]
+    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
     ("torch.storage", "_load_from_bytes"): _load_storage,
     ("collections", "OrderedDict"): collections.OrderedDict,
     ("torch", "Size"): torch.Size,
@@ -368,6 +368,10 @@ def load_into_trainer(trainer: Any, found: ZaeEngineFolder, strict: bool = True)
     return found.folder
 
 
+def _save_as_torch(path: str, state: Any) -> None:
+    write_path_atomic(path, lambda tmp: torch.save(state, tmp))
+
+
 def convert(folder: str, *, trust_pickles: bool = False) -> list[str]:
     """Rewrite a trusted zae-engine folder's ``.zae`` pickles so that they load safely.
 
@@ -391,6 +395,6 @@ def convert(folder: str, *, trust_pickles: bool = False) -> list[str]:
         with open(path, "rb") as fh:
             state = pickle.load(fh)  # noqa: S301 - the caller vouched for this folder
         shutil.copy2(path, path + ".orig")
-        write_path_atomic(path, lambda tmp, state=state: torch.save(state, tmp))
+        _save_as_torch(path, state)
         converted.append(path)
     return converted
