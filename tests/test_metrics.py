@@ -74,7 +74,8 @@ def _alive_after(steps: int, **kwargs: Any) -> int:
 
 @pytest.mark.parametrize("log_every_n_steps", [5, 50])
 def test_tensors_alive_do_not_grow_with_the_number_of_steps(log_every_n_steps: int) -> None:
-    short, long = _alive_after(10, log_every_n_steps=log_every_n_steps), _alive_after(100, log_every_n_steps=log_every_n_steps)
+    short = _alive_after(10, log_every_n_steps=log_every_n_steps)
+    long = _alive_after(100, log_every_n_steps=log_every_n_steps)
     assert long == short, f"{long - short} more tensors alive after 100 steps than after 10"
 
 
@@ -240,7 +241,9 @@ def test_a_new_metric_object_every_step_is_refused() -> None:
 def test_vector_and_dict_results_are_named_and_matrices_are_skipped_with_a_warning() -> None:
     acc = MetricAccumulator("valid")
     per_class = MulticlassF1Score(3, average=None)
-    collection = torchmetrics.MetricCollection({"f1": MulticlassF1Score(3), "acc": torchmetrics.Accuracy("multiclass", num_classes=3)})
+    collection = torchmetrics.MetricCollection(
+        {"f1": MulticlassF1Score(3), "acc": torchmetrics.Accuracy("multiclass", num_classes=3)}
+    )
     matrix = MulticlassConfusionMatrix(3)
     preds, target = torch.tensor([0, 1, 2, 2]), torch.tensor([0, 1, 1, 2])
     for metric in (per_class, collection, matrix):
@@ -249,5 +252,6 @@ def test_vector_and_dict_results_are_named_and_matrices_are_skipped_with_a_warni
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = acc.compute_metrics()
-    assert result == pytest.approx({"per_class/0": 1.0, "per_class/1": 2 / 3, "per_class/2": 2 / 3, "c/f1": 7 / 9, "c/acc": 0.75})
+    expected = {"per_class/0": 1.0, "per_class/1": 2 / 3, "per_class/2": 2 / 3, "c/f1": 7 / 9, "c/acc": 0.75}
+    assert result == pytest.approx(expected)
     assert any("'cm' has shape (3, 3)" in str(w.message) for w in caught)
