@@ -72,11 +72,11 @@ def test_a_yaml_file_with_overrides_trains_the_digits_model(tmp_path: Path) -> N
     assert config["run"] == {"n_epoch": 3} and config["model_args"]["hidden"] == 32
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(config))
-    trainer = fit(path)
+    trainer = fit(path, base_dir=REPO / "examples")  # its import paths are relative to the original's folder
     assert trainer.progress_checker.epoch == 3
     assert trainer.epoch_metrics["valid/acc"] > 0.85  # 3 epochs of AdamW on digits
     assert trainer.best["metric"] == "valid/acc"
-    train, valid = build_data(path)
+    train, valid = build_data(path, base_dir=REPO / "examples")
     assert train.batch_size == 32 and valid is not None
 
 

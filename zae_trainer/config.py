@@ -242,7 +242,8 @@ def _from_namespace(
             return obj
         raise ConfigError(path, f"{name!r} is not {_a(kind)}", prefix)
     known = sorted([*classes, *extra])
-    close = difflib.get_close_matches(name, known, n=3)
+    same_letters = [k for k in known if k.lower() == name.lower()]
+    close = same_letters or difflib.get_close_matches(name, known, n=3)
     hint = f" Did you mean {', '.join(map(repr, close))}?" if close else f" Known: {known}."
     raise ConfigError(path, f"{name!r} is not {_a(kind)} in {namespace.__name__}.{hint}", prefix)
 
@@ -335,6 +336,14 @@ def build_loss(entry: Any, path: str = "loss", prefix: str = "config.") -> Any:
     cls = _from_namespace(nn, name, nn.Module, f"{path}.name", "loss", prefix, extra=LOSSES)
     if not cls.__name__.endswith("Loss"):
         raise ConfigError(f"{path}.name", f"{name!r} is a torch.nn module but not a loss", prefix)
+    if "label_smoothing" in options and cls in (nn.BCEWithLogitsLoss, nn.BCELoss):
+        raise ConfigError(
+            f"{path}.label_smoothing",
+            f"torch's {cls.__name__} does not smooth labels. To fix, name 'bce' "
+            "(zae_trainer.losses.BinaryCrossEntropyLoss: the same loss, with label_smoothing"
+            + (" and from_logits=False" if cls is nn.BCELoss else "") + ").",
+            prefix,
+        )
     return _construct(cls, options, path, prefix=prefix)
 
 

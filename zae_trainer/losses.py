@@ -6,19 +6,75 @@ with label smoothing and ``mean`` / ``sum`` / ``none`` reduction.
 them by name.
 
 Binary label smoothing moves each target toward 0.5: ``y * (1 - eps) + 0.5 * eps``.
+
+Custom losses need no base class: anything callable as ``criterion(output, target)`` returning
+a scalar tensor is a :class:`Criterion`. A ``task`` attribute (``"multiclass"`` or
+``"binary"``, and ``from_logits`` for binary) tells :class:`~zae_trainer.SupervisedTrainer`
+which accuracy to report; :func:`task_of` reads it, and knows torch's own losses.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["CrossEntropyLoss", "BinaryCrossEntropyLoss", "cross_entropy", "binary_cross_entropy", "LOSSES"]
+__all__ = [
+    "Criterion",
+    "CrossEntropyLoss",
+    "BinaryCrossEntropyLoss",
+    "cross_entropy",
+    "binary_cross_entropy",
+    "task_of",
+    "Task",
+    "LOSSES",
+]
 
 Reduction = Literal["mean", "sum", "none"]
+Task = Literal["multiclass", "binary-logits", "binary-probabilities"]
+
+
+@runtime_checkable
+class Criterion(Protocol):
+    """A loss as :class:`~zae_trainer.SupervisedTrainer` calls it: ``criterion(output, target)``
+    returns a scalar tensor. ``nn.Module`` losses and plain functions both qualify.
+
+    Optionally, a ``task`` attribute (``"multiclass"`` / ``"binary"``) and, for binary,
+    ``from_logits`` say what the output means, so the trainer can report accuracy.
+
+    Examples
+    --------
+    >>> class FocalLoss(nn.Module):
+    ...     task = "binary"
+    ...     from_logits = True
+    ...     def forward(self, logits, target):
+    ...         p = torch.sigmoid(logits)
+    ...         pt = torch.where(target > 0.5, p, 1 - p)
+    ...         return (-(1 - pt) ** 2 * torch.log(pt.clamp_min(1e-8))).mean()
+    >>> isinstance(FocalLoss(), Criterion)
+    True
+    """
+
+    def __call__(self, output: Any, target: Any, /) -> torch.Tensor: ...
+
+
+def task_of(criterion: Any) -> Task | None:
+    """What ``criterion``'s output means, for accuracy: multi-class logits, binary logits,
+    binary probabilities, or None (unknown: regression, or a custom loss without ``task``)."""
+    task = getattr(criterion, "task", None)
+    if task == "multiclass":
+        return "multiclass"
+    if task == "binary":
+        return "binary-logits" if getattr(criterion, "from_logits", True) else "binary-probabilities"
+    if isinstance(criterion, (nn.CrossEntropyLoss, nn.NLLLoss)):
+        return "multiclass"
+    if isinstance(criterion, nn.BCEWithLogitsLoss):
+        return "binary-logits"
+    if isinstance(criterion, nn.BCELoss):
+        return "binary-probabilities"
+    return None
 
 
 def _check(label_smoothing: float, reduction: str) -> None:
@@ -63,12 +119,14 @@ def binary_cross_entropy(
 
 
 class CrossEntropyLoss(nn.Module):
-    """Module form of :func:`cross_entropy`.
+    """Module form of :func:`cross_entropy` (a :class:`Criterion` of task ``"multiclass"``).
 
     Examples
     --------
     >>> loss = CrossEntropyLoss(label_smoothing=0.1)(torch.randn(4, 3), torch.tensor([0, 1, 2, 1]))
     """
+
+    task = "multiclass"
 
     def __init__(self, *, label_smoothing: float = 0.0, reduction: Reduction = "mean") -> None:
         super().__init__()
@@ -81,12 +139,14 @@ class CrossEntropyLoss(nn.Module):
 
 
 class BinaryCrossEntropyLoss(nn.Module):
-    """Module form of :func:`binary_cross_entropy` (from logits by default).
+    """Module form of :func:`binary_cross_entropy` (from logits by default; task ``"binary"``).
 
     Examples
     --------
     >>> loss = BinaryCrossEntropyLoss(label_smoothing=0.1)(torch.randn(4), torch.tensor([0., 1., 1., 0.]))
     """
+
+    task = "binary"
 
     def __init__(
         self,
