@@ -289,3 +289,15 @@ def test_importing_the_core_does_not_import_the_compat_layer() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False", "False"]
+
+
+def test_a_trainer_built_in_test_mode_evaluates_with_the_core_loop() -> None:
+    model, _ = _parts()
+    before = model.weight.detach().clone()
+    trainer = Classifier(model, torch.device("cpu"), "test", None, None, log_bar=False, handle_signals=False)
+    trainer.metric_on_epoch_end = lambda: {"n": len(trainer.log_test["output"])}
+    trainer.run(1, _loader(20, batch=8))
+    assert trainer.mode == "test" and trainer.run_kind == "test"
+    assert torch.equal(model.weight, before) and trainer.progress_checker.get_step() == 1
+    assert len(trainer.log_test["loss"]) == 3 and trainer.log_train == {}
+    assert trainer.test_metrics == {"n": 3} and trainer.epoch_metrics["test/n"] == 3.0
