@@ -162,3 +162,17 @@ def test_the_run_is_finished_when_the_trainer_is_collected(tmp_path: Path) -> No
     del trainer
     gc.collect()  # the trainer and its add-ons reference each other: the cycle collector frees them
     assert not run.is_live()
+
+
+def test_the_core_state_manager_works_on_a_compat_trainer(tmp_path: Path) -> None:
+    from zae_trainer.addons import StateManagerAddon as CoreStateManager
+
+    model, opt, sched = _parts()
+    trainer = DummyTrainer.add_on(CoreStateManager)(model, opt, sched, save_path=str(tmp_path))
+    trainer.run(2, _loader(), _loader(16, seed=1))
+    best = trainer.weight_buffer["weight"][-1]  # check_better's copy and the best checkpoint agree
+    with torch.no_grad():
+        model.weight.zero_()
+    trainer.apply_weights("best")
+    assert torch.equal(model.weight, best["weight"])
+    assert trainer.best["epoch"] == 1 + trainer.weight_buffer["epoch"][-1]
