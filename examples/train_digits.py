@@ -1,8 +1,10 @@
-"""Train a small MLP on scikit-learn's bundled handwritten digits; print held-out accuracy.
+"""Train a small MLP on scikit-learn's bundled handwritten digits; print test accuracy.
 
-The data ships inside scikit-learn (1,797 8x8 images, no download). 20% is held out for
-validation, stratified and seeded, so the run is reproducible. On 2 CPU cores it takes a few
-seconds and reaches about 0.97 held-out accuracy.
+The data ships inside scikit-learn (1,797 8x8 images, no download). It is split three ways,
+stratified and seeded so the run is reproducible: 20% is a test split that plays no part in
+training or in choosing the best epoch, and 20% of the rest is the validation split that picks
+the best epoch. The accuracy printed at the end is measured on the test split, with the best
+epoch's weights. On 2 CPU cores it takes a few seconds and reaches about 0.97.
 
 The run folder (``--out``, default ``runs/digits``) receives what the embedded local logger
 writes (``logs/metrics.jsonl``, ``metrics.csv``, TensorBoard files and ``metrics.png`` when
@@ -48,18 +50,38 @@ class DigitsTrainer(Trainer):
         }
 
 
-def load_digits_split(seed: int = 0, valid_fraction: float = 0.2) -> tuple[TensorDataset, TensorDataset]:
-    """Stratified train/validation split of the digits, pixels scaled to [0, 1]."""
+def load_digits_split(
+    seed: int = 0, test_fraction: float = 0.2, valid_fraction: float = 0.2
+) -> tuple[TensorDataset, TensorDataset, TensorDataset]:
+    """Stratified train/validation/test splits of the digits, pixels scaled to [0, 1].
+
+    The test split is cut first; the validation split is ``valid_fraction`` of what remains.
+    """
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
     digits = load_digits()
     x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
     y = torch.tensor(digits.target, dtype=torch.long)
-    idx_train, idx_valid = train_test_split(
-        range(len(y)), test_size=valid_fraction, random_state=seed, stratify=digits.target
+    idx_rest, idx_test = train_test_split(
+        list(range(len(y))), test_size=test_fraction, random_state=seed, stratify=digits.target
     )
-    return TensorDataset(x[idx_train], y[idx_train]), TensorDataset(x[idx_valid], y[idx_valid])
+    idx_train, idx_valid = train_test_split(
+        idx_rest, test_size=valid_fraction, random_state=seed, stratify=digits.target[idx_rest]
+    )
+    return (
+        TensorDataset(x[idx_train], y[idx_train]),
+        TensorDataset(x[idx_valid], y[idx_valid]),
+        TensorDataset(x[idx_test], y[idx_test]),
+    )
+
+
+def accuracy_on(trainer: Trainer, loader: DataLoader) -> float:
+    """Accuracy of the trainer's model on ``loader``, through ``inference`` (no metrics, history
+    or progress of the run are touched)."""
+    predictions = torch.cat(trainer.inference(loader))
+    targets = torch.cat([y for _, y in loader])
+    return (predictions == targets).float().mean().item()
 
 
 def make_model() -> nn.Module:
@@ -76,11 +98,12 @@ def main(argv: list[str] | None = None) -> float:
     args = parser.parse_args(argv)
 
     torch.manual_seed(args.seed)
-    train_set, valid_set = load_digits_split(seed=args.seed)
+    train_set, valid_set, test_set = load_digits_split(seed=args.seed)
     train_loader = DataLoader(
         train_set, batch_size=args.batch_size, shuffle=True, generator=torch.Generator().manual_seed(args.seed)
     )
     valid_loader = DataLoader(valid_set, batch_size=256)
+    test_loader = DataLoader(test_set, batch_size=256)
 
     model = make_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
@@ -103,11 +126,12 @@ def main(argv: list[str] | None = None) -> float:
     )
     trainer.run(args.epochs, train_loader, valid_loader)
 
-    trainer.apply_weights()  # the best epoch by validation accuracy
-    predictions = torch.cat(trainer.inference(valid_loader))
-    targets = torch.cat([y for _, y in valid_loader])
-    accuracy = (predictions == targets).float().mean().item()
-    print(f"held-out accuracy: {accuracy:.4f} on {len(targets)} digits (best epoch {trainer.best['epoch']})")
+    trainer.apply_weights("best")  # the best epoch by validation accuracy
+    accuracy = accuracy_on(trainer, test_loader)  # a split that played no part in choosing it
+    print(
+        f"test accuracy: {accuracy:.4f} on {len(test_set)} held-out digits (best epoch {trainer.best['epoch']}, "
+        f"chosen on {len(valid_set)} validation digits: {trainer.best['value']:.4f})"
+    )
     print(f"metrics and curves in {os.path.join(args.out, 'logs')}, checkpoints in {os.path.join(args.out, 'ckpt')}")
     return accuracy
 
