@@ -31,7 +31,8 @@ def test_the_three_splits_are_disjoint_stratified_and_cover_the_data() -> None:
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    everything = sorted((tuple((torch.tensor(x) / 16.0).float().tolist()), int(y)) for x, y in zip(digits.data, digits.target))
+    pixels = torch.tensor(digits.data, dtype=torch.float32) / 16.0
+    everything = sorted((tuple(x.tolist()), int(y)) for x, y in zip(pixels, digits.target))
     split_rows = sorted((tuple(x.tolist()), int(y)) for split in (train, valid, test) for x, y in split)
     assert split_rows == everything  # a partition: every image in exactly one split
     counts = torch.bincount(torch.stack([y for _, y in test]), minlength=10)

@@ -192,7 +192,7 @@ def _report_interrupt(trainer: Any, args: argparse.Namespace, out: Path | None, 
 
 def _export_weights(trainer: Any, out: Path) -> list[str]:
     """Weights-only copies of the best and the final model in the run folder."""
-    written = []
+    written: list[str] = []
     try:
         manager = trainer.get_addon("state_manager")
     except KeyError:
@@ -285,7 +285,7 @@ def _version() -> str:
     try:
         import torch
 
-        torch_version = torch.__version__
+        torch_version = str(torch.__version__)
     except ImportError:  # pragma: no cover - torch is a hard dependency
         torch_version = "not installed"
     return f"zae-trainer {__version__} (torch {torch_version}, python {platform.python_version()})"

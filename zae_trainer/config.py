@@ -112,7 +112,8 @@ def load_config(source: Mapping[str, Any] | str | os.PathLike[str]) -> dict[str,
     """A copy of ``source`` (its dicts and lists; objects in it, a model say, are shared),
     or the mapping in a YAML/JSON file."""
     if isinstance(source, Mapping):
-        return _copy_containers(source)
+        copied: dict[str, Any] = _copy_containers(source)
+        return copied
     path = Path(source)
     if not path.exists():
         raise FileNotFoundError(f"config file {str(path)!r} does not exist")
@@ -576,4 +577,5 @@ def _plain_config(conf: Mapping[str, Any]) -> dict[str, Any]:
             return value
         return type(value).__name__
 
-    return plain(conf)
+    result: dict[str, Any] = plain(conf)
+    return result

@@ -17,7 +17,7 @@ are resolved when the trainer is constructed, so a misspelt one fails there, not
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Literal, Mapping
 
 import torch
 from torch import nn
@@ -85,7 +85,7 @@ class SupervisedTrainer(Trainer):
         self,
         model: nn.Module,
         device: Any = None,
-        mode: str = "train",
+        mode: Literal["train", "test"] = "train",
         optimizer: torch.optim.Optimizer | str | Mapping[str, Any] | None = None,
         scheduler: Any = None,
         *,
