@@ -301,3 +301,23 @@ def test_a_trainer_built_in_test_mode_evaluates_with_the_core_loop() -> None:
     assert torch.equal(model.weight, before) and trainer.progress_checker.get_step() == 1
     assert len(trainer.log_test["loss"]) == 3 and trainer.log_train == {}
     assert trainer.test_metrics == {"n": 3} and trainer.epoch_metrics["test/n"] == 3.0
+
+
+def test_logged_scalars_move_to_the_host_in_increments(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every _HOST_EVERY batches and at phase end, only what was logged since the last move."""
+    import zae_trainer.compat._trainer as layer
+
+    calls: list[tuple[int, int]] = []
+    real = layer._to_host
+
+    def spy(values: list[Any], start: int = 0) -> None:
+        calls.append((len(values), start))
+        real(values, start)
+
+    monkeypatch.setattr(layer, "_HOST_EVERY", 2)
+    monkeypatch.setattr(layer, "_to_host", spy)
+    trainer = _trainer()
+    trainer.run(1, _loader(40))  # 5 batches: moves after batches 2 and 4, then at phase end
+    # each move covers log_train["loss"], log_train["acc"] and the loss history: (length, start)
+    assert calls == [(2, 0)] * 3 + [(4, 2)] * 3 + [(5, 4)] * 3
+    assert len(trainer.log_train["loss"]) == len(trainer.get_loss_history()) == 5

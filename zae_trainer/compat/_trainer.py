@@ -34,6 +34,8 @@ __all__ = ["Trainer", "T", "ProgressChecker", "ZaeEngineLayer"]
 T = TypeVar("T", bound="Trainer")
 
 _CPU = torch.device("cpu")
+#: batches between moves of a phase's logged scalars to the CPU (one synchronisation each)
+_HOST_EVERY = 1024
 
 
 class ZaeEngineLayer(AddOn):
@@ -142,6 +144,8 @@ class Trainer(CoreTrainer.add_on(ZaeEngineLayer)):  # type: ignore[misc]
         self._zae_mode = mode
         self._zae_ended: set[str] = set()  # phases whose logs are last epoch's (cleared on next use)
         self._zae_batches: dict[str, int] = {}  # batches logged per mode in the current phase
+        self._zae_marks: dict[str, dict[str, int]] = {}  # per mode, per key: entries already on the host
+        self._zae_history_marks = {"train": 0, "test": 0}
         self._zae_attribute_addons: tuple[Any, ...] = ()
         self._zae_web_loggers: tuple[Any, ...] = ()
         self._zae_no_optimizer = mode == "train" and optimizer is None
@@ -210,7 +214,7 @@ class Trainer(CoreTrainer.add_on(ZaeEngineLayer)):  # type: ignore[misc]
     def _zae_phase_end(self, mode: str) -> dict[str, float]:
         """End of zae-engine's ``run_epoch``: logs to CPU, ``print_log``, ``metric_on_epoch_end``."""
         log = self.log_train if mode == "train" else self.log_test
-        _to_host(log)
+        self._zae_to_host(mode)
         self._zae_ended.add(mode)
         n = self._zae_batches.get(mode, 0)
         self.print_log(cur_batch=n, num_batch=n)
@@ -237,14 +241,16 @@ class Trainer(CoreTrainer.add_on(ZaeEngineLayer)):  # type: ignore[misc]
 
         Override it, calling ``super().logging(step_dict)``, to see every batch, in training
         and validation, as in zae-engine. Cost: one Python call per batch; scalar tensors are
-        kept on the device (no synchronisation) and moved to the CPU together at the end of
-        the phase, while non-scalar tensors (``"output"``) are copied to the CPU per batch, as
-        zae-engine did (one device synchronisation per batch when a step returns them).
+        kept on the device (no synchronisation) and moved to the CPU together every 1024
+        batches and at the end of the phase, while non-scalar tensors (``"output"``) are
+        copied to the CPU per batch, as zae-engine did (one device synchronisation per batch
+        when a step returns them).
         """
         mode = self.mode
         if mode in self._zae_ended:  # first batch of a new phase: last epoch's values go
             self._zae_ended.discard(mode)
             (self.log_train if mode == "train" else self.log_test).clear()
+            self._zae_marks.pop(mode, None)
             self._zae_batches[mode] = 0
         log, history = (self.log_train, self.loss_history_train) if mode == "train" else (
             self.log_test, self.loss_history_test)
@@ -256,9 +262,22 @@ class Trainer(CoreTrainer.add_on(ZaeEngineLayer)):  # type: ignore[misc]
             log[key].append(value)
             if key == "loss":
                 history.append(value)
-        self._zae_batches[mode] = self._zae_batches.get(mode, 0) + 1
+        count = self._zae_batches[mode] = self._zae_batches.get(mode, 0) + 1
+        if count % _HOST_EVERY == 0:  # bound what stays on the device in a long phase
+            self._zae_to_host(mode)
         for logger in self._zae_web_loggers:
             logger.log_step(step_dict)
+
+    def _zae_to_host(self, mode: str) -> None:
+        """Move the scalars logged since the last call to the CPU, one copy per key."""
+        log, history = (self.log_train, self.loss_history_train) if mode == "train" else (
+            self.log_test, self.loss_history_test)
+        marks = self._zae_marks.setdefault(mode, {})
+        for key, values in log.items():
+            _to_host(values, marks.get(key, 0))
+            marks[key] = len(values)
+        _to_host(history, self._zae_history_marks[mode])
+        self._zae_history_marks[mode] = len(history)
 
     def print_log(self, cur_batch: int, num_batch: int) -> dict[str, str]:
         """zae-engine's batch report: ``{"Batch": "i/n", "LR": ..., <metric>: <mean>}``.
@@ -281,6 +300,7 @@ class Trainer(CoreTrainer.add_on(ZaeEngineLayer)):  # type: ignore[misc]
         """Clear ``log_train`` / ``log_test``; with ``epoch_end=True`` also the epoch metrics dicts."""
         self.log_train.clear()
         self.log_test.clear()
+        self._zae_marks.clear()
         if epoch_end:
             self.train_metrics.clear()
             self.test_metrics.clear()
@@ -399,6 +419,7 @@ class Trainer(CoreTrainer.add_on(ZaeEngineLayer)):  # type: ignore[misc]
                 self.run_batch(batch, **kwargs)
         if mode in self._zae_ended:  # no batch at all
             (self.log_train if mode == "train" else self.log_test).clear()
+            self._zae_marks.pop(mode, None)
             self._zae_batches[mode] = 0
         self._zae_phase_end(mode)
 
@@ -460,15 +481,22 @@ class Trainer(CoreTrainer.add_on(ZaeEngineLayer)):  # type: ignore[misc]
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
 
-def _to_host(log: dict[str, list[Any]]) -> None:
-    """Move the phase's scalar device tensors to the CPU: one copy per key, not per batch."""
-    for key, values in log.items():
-        on_device = [i for i, v in enumerate(values) if isinstance(v, torch.Tensor) and v.device.type != "cpu"]
-        if not on_device:
-            continue
+def _to_host(values: list[Any], start: int = 0) -> None:
+    """Move ``values[start:]``'s device tensors (scalars) to the CPU in one copy, in place."""
+    on_device = [
+        i for i in range(start, len(values))
+        if isinstance(values[i], torch.Tensor) and values[i].device.type != "cpu"
+    ]
+    if not on_device:
+        return
+    try:
         stacked = torch.stack([values[i].reshape(()) for i in on_device]).to(_CPU)
-        for j, i in enumerate(on_device):
-            values[i] = stacked[j].reshape(values[i].shape)
+    except RuntimeError:  # mixed dtypes or devices under one key: one copy each
+        for i in on_device:
+            values[i] = values[i].to(_CPU)
+        return
+    for j, i in enumerate(on_device):
+        values[i] = stacked[j].reshape(values[i].shape)
 
 
 def _as_float(value: Any) -> float | None:
