@@ -22,6 +22,13 @@ from zae_trainer.testing import TinyRegressionTrainer, tiny_loader, tiny_trainer
 pytestmark = pytest.mark.timeout(120)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _file_store_allowed() -> Any:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # reading MLflow 3's file store back
+        yield
+
+
 def _client(store: Path) -> Any:
     return MlflowClient(f"file:{store}")
 

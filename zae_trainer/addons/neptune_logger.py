@@ -16,6 +16,17 @@ What it logs (as every logger, see :mod:`zae_trainer.addons._logging_common`): `
 ``interrupted``); ``sys/failed = True`` when the run raised or SIGINT/SIGTERM interrupted it.
 Non-finite values are skipped (Neptune 1.x rejects them, with a warning per value).
 
+Resuming (``resume_run=True``): Neptune accepts only increasing steps in a series, so after a
+crash the server would reject the replay of every step the dead process logged past its last
+checkpoint. Offline, each process also writes ``zae_trainer/custom_run_id``; a resumed process
+reads the earlier folders of its run, and rewinds each series that went past the restored
+step (assigns it anew: cleared, then the points up to that step again), so ``neptune sync`` of the folders
+in order leaves each step once, with the replayed values (:func:`merge_offline_runs` computes
+that result). With a server (``with_id``) nothing is rewound: the replayed steps the dead
+process had already logged are rejected by the server and its values stay; this was not run
+against a server here. Every log point is flushed to disk (``run.wait(disk_only=True)``, a
+file flush), so a killed process keeps what it logged.
+
 Why it does not stall: in Neptune's default ``async`` mode and in ``offline`` mode, appends go
 to a local disk queue that a background thread uploads. ``neptune.init_run`` contacts the
 server and, with the server unreachable, retries for about a minute, so it runs in a helper
@@ -46,7 +57,12 @@ from ._logging_common import (
     is_finite_number,
 )
 
-__all__ = ["NeptuneLoggerAddon", "read_offline_run", "offline_run_folders", "LoggingBackendWarning"]
+__all__ = ["NeptuneLoggerAddon", "read_offline_run", "offline_run_folders", "merge_offline_runs",
+           "LoggingBackendWarning", "RUN_KEY_FIELD"]
+
+#: The field each offline process writes with the run's ``custom_run_id`` (Neptune's offline
+#: folders do not record it), so a resumed process can find the folders of its run.
+RUN_KEY_FIELD = "zae_trainer/custom_run_id"
 
 _log = logging.getLogger("zae_trainer")
 
@@ -146,7 +162,7 @@ class NeptuneLoggerAddon(LoggerAddOn):
             if not self.offline_fallback or mode == "offline":
                 raise
             kwargs.pop("with_id", None)  # offline mode cannot attach to a server-side run
-            kwargs["mode"] = "offline"
+            kwargs["mode"] = mode = "offline"
             run = neptune.init_run(**kwargs)
             self._warn(
                 f"Neptune could not start in {mode!r} mode ({type(exc).__name__}: {_first_line(exc)}); logging "
@@ -156,7 +172,33 @@ class NeptuneLoggerAddon(LoggerAddOn):
         self._run = run
         self.run_id = getattr(run, "_sys_id", None)
         self.custom_run_id = kwargs.get("custom_run_id", self.custom_run_id)
+        pc = trainer.progress_checker
+        if mode == "offline" and self.custom_run_id:
+            if self.resume_run and pc.step > 0:
+                self._rewind_offline(pc.step)
+            run[RUN_KEY_FIELD] = self.custom_run_id  # how a later process finds this run's folders
         return True
+
+    def _rewind_offline(self, step: int) -> None:
+        """Rewind every series of this run to ``step``, the restored checkpoint's.
+
+        Neptune accepts only increasing steps, so the steps a crashed process logged after its
+        last checkpoint would make the server reject their replay. The earlier processes'
+        offline folders say what the run holds; a series with points past ``step`` is cleared
+        and refilled with its points up to ``step``.
+        """
+        from neptune.types import FloatSeries
+
+        data_directory = os.environ.get("NEPTUNE_DATA_DIRECTORY", ".neptune")
+        earlier = [read_offline_run(f) for f in offline_run_folders(data_directory)]
+        mine = [r for r in earlier if r["fields"].get(RUN_KEY_FIELD) == self.custom_run_id]
+        for path, points in merge_offline_runs(mine).items():
+            if not any(s is not None and s > step for s, _ in points):
+                continue
+            kept = [(s, v) for s, v in points if s is not None and s <= step]
+            # Assigning a series clears it, then logs the values; unlike .clear() it also
+            # works for a field only an earlier process created.
+            self._run[path] = FloatSeries([v for _, v in kept], steps=[s for s, _ in kept])
 
     def _write_config(self, config: dict[str, Any]) -> None:
         self._run["config"] = _neptune_values(config)
@@ -166,6 +208,7 @@ class NeptuneLoggerAddon(LoggerAddOn):
         for key, value in record.items():
             if is_finite_number(value):
                 run[key].append(value, step=step)
+        run.wait(disk_only=True)  # on disk now (a file flush), so a crash loses nothing already logged
 
     def _write_epoch(self, step: int, epoch: int, metrics: dict[str, float]) -> None:
         self._write_step(step, epoch_record(epoch, metrics))
@@ -216,12 +259,15 @@ def read_offline_run(folder: str | os.PathLike[str]) -> dict[str, Any]:
     """What the Neptune client recorded in one offline run folder.
 
     Returns ``{"series": {path: [(step, value), ...]}, "fields": {path: value},
-    "files": {path: local file path}}``; paths are joined with ``/`` (``"train/loss"``).
-    Reads the client's operation queue (``data-<n>.log``: one JSON operation per line).
+    "files": {path: local file path}, "cleared": [path, ...]}``; paths are joined with ``/``
+    (``"train/loss"``). A series cleared in this folder starts over there and is listed in
+    ``cleared``. Reads the client's operation queue (``data-<n>.log``: one JSON operation
+    per line).
     """
     series: dict[str, list[tuple[float | None, Any]]] = {}
     fields: dict[str, Any] = {}
     files: dict[str, Any] = {}
+    cleared: list[str] = []
     logs = glob.glob(os.path.join(os.fspath(folder), "data-*.log"))
     for log in sorted(logs, key=lambda p: int(os.path.basename(p)[5:-4] or 0)):
         with open(log, encoding="utf-8") as fh:
@@ -238,7 +284,29 @@ def read_offline_run(folder: str | os.PathLike[str]) -> dict[str, Any]:
                     fields[path] = op.get("value")
                 elif kind.startswith("Upload"):
                     files[path] = op.get("file_path", op.get("file_globs"))
-    return {"series": series, "fields": fields, "files": files}
+                elif kind.startswith("Clear"):
+                    series[path] = []
+                    cleared.append(path)
+    return {"series": series, "fields": fields, "files": files, "cleared": cleared}
+
+
+def merge_offline_runs(runs: list[dict[str, Any]]) -> dict[str, list[tuple[Any, Any]]]:
+    """The series a Neptune server holds after ``neptune sync`` of these offline runs, in order.
+
+    ``runs`` are :func:`read_offline_run` results of one run's processes, oldest first. A
+    series cleared by a later process starts over; a point whose step is not above the
+    series' last step is dropped, as the server rejects it.
+    """
+    merged: dict[str, list[tuple[Any, Any]]] = {}
+    for run in runs:
+        for path in run.get("cleared", []):
+            merged[path] = []
+        for path, points in run["series"].items():
+            series = merged.setdefault(path, [])
+            for step, value in points:
+                if step is None or not series or series[-1][0] is None or step > series[-1][0]:
+                    series.append((step, value))
+    return merged
 
 
 # ======================================================================================
