@@ -9,8 +9,9 @@ import pytest
 
 pytest.importorskip("neptune")
 
-from logging_helpers import QUIET, FailsAtStep3, MetricTap  # noqa: E402
+from logging_helpers import QUIET, FailsAtStep3, MetricTap, SignalsItselfAtStep3  # noqa: E402
 from zae_trainer.addons import StateManagerAddon  # noqa: E402
+from zae_trainer.errors import TrainingTerminated  # noqa: E402
 from zae_trainer.addons.neptune_logger import NeptuneLoggerAddon, offline_run_folders, read_offline_run  # noqa: E402
 from zae_trainer.testing import TinyRegressionTrainer, tiny_loader, tiny_trainer  # noqa: E402
 
@@ -92,3 +93,13 @@ def test_web_logger_without_a_neptune_key_leaves_it_off(neptune_dir: Path) -> No
     trainer = tiny_trainer(TinyRegressionTrainer.add_on(NeptuneLoggerAddon), web_logger={"wandb": {}})
     trainer.run(1, tiny_loader())
     assert offline_run_folders(neptune_dir) == []
+
+
+def test_an_interrupted_run_is_marked_failed_with_its_status(neptune_dir: Path) -> None:
+    trainer = tiny_trainer(SignalsItselfAtStep3.add_on(NeptuneLoggerAddon(mode="offline", **QUIET)),
+                           handle_signals=True)
+    with pytest.raises(TrainingTerminated):  # SIGTERM, handled at the next batch boundary
+        trainer.run(1, tiny_loader())
+    [folder] = offline_run_folders(neptune_dir)
+    fields = read_offline_run(folder)["fields"]
+    assert fields["sys/failed"] is True and fields["summary/status"] == "interrupted"
