@@ -20,12 +20,11 @@ its values:
 * **Anything else** (logits, predictions, strings) is not kept. A model's per-batch outputs
   for the whole epoch would grow device memory with every step; use
   :meth:`~zae_trainer.Trainer.inference` to collect predictions, or a torchmetrics
-  ``Metric`` to reduce them.
+  ``Metric`` to reduce them. (The zae-engine layer, :mod:`zae_trainer.compat`, keeps its
+  per-batch ``log_train`` / ``log_test`` lists itself, for code that reads them.)
 
-``keep_steps=True`` (for the zae-engine layer, whose ``log_train`` / ``log_test`` hold every
-step's value and output) also keeps per-step floats in :attr:`MetricAccumulator.history` and
-detached non-scalar tensors in :attr:`MetricAccumulator.outputs`; that memory grows with the
-epoch, which is why it is off by default.
+So the memory an epoch holds does not depend on its length: the running sums, at most
+:data:`MAX_PENDING_STEPS` pending scalars per metric, and one reference per ``Metric``.
 """
 
 from __future__ import annotations
@@ -90,19 +89,10 @@ class MetricAccumulator:
     ----------
     phase : str
         The phase name, used in metric names (``train/loss``) and error messages.
-    keep_steps : bool
-        Also keep every step's float (:attr:`history`) and non-scalar outputs
-        (:attr:`outputs`) until :meth:`reset`. Memory then grows with the epoch; the core
-        leaves it off, the zae-engine compatibility layer turns it on.
     """
 
-    def __init__(self, phase: str, keep_steps: bool = False) -> None:
+    def __init__(self, phase: str) -> None:
         self.phase = phase
-        self.keep_steps = keep_steps
-        #: Per-step floats of this epoch (flushed values only); filled when ``keep_steps``.
-        self.history: dict[str, list[float]] = defaultdict(list)
-        #: Detached non-scalar step outputs of this epoch; filled when ``keep_steps``.
-        self.outputs: dict[str, list[torch.Tensor]] = defaultdict(list)
         self._pending: dict[str, list[Any]] = defaultdict(list)
         self._pending_sizes: dict[str, list[int]] = defaultdict(list)
         self._pending_steps: list[int] = []
@@ -120,8 +110,6 @@ class MetricAccumulator:
                 if value.numel() == 1:
                     self._pending[key].append(value.detach())
                     self._pending_sizes[key].append(batch_size)
-                elif self.keep_steps:
-                    self.outputs[key].append(value.detach())
             elif isinstance(value, (int, float)) and not isinstance(value, bool):
                 self._pending[key].append(float(value))
                 self._pending_sizes[key].append(batch_size)
@@ -154,8 +142,6 @@ class MetricAccumulator:
             weight = float(sum(sizes))
             self._sums[key] += weighted
             self._weights[key] += weight
-            if self.keep_steps:
-                self.history[key].extend(floats)
             values[key] = tuple(floats)
             means[key] = weighted / weight if weight else math.nan
         self._pending.clear()
@@ -184,7 +170,7 @@ class MetricAccumulator:
         return results
 
     def state_dict(self) -> dict[str, Any]:
-        """This epoch's sums and not-yet-flushed values (and history, if kept), as plain floats.
+        """This epoch's sums and not-yet-flushed values, as plain floats.
 
         Checkpoints carry it so that a run resumed mid-epoch reports the same epoch means as
         one that never stopped. Pending values are read (one transfer per metric) but not
@@ -195,7 +181,6 @@ class MetricAccumulator:
         return {
             "sums": dict(self._sums),
             "weights": dict(self._weights),
-            "history": {k: list(v) for k, v in self.history.items()},
             "pending": {k: _to_floats(v) for k, v in self._pending.items() if v},
             "pending_sizes": {k: list(v) for k, v in self._pending_sizes.items() if v},
             "pending_steps": list(self._pending_steps),
@@ -206,9 +191,6 @@ class MetricAccumulator:
         self.reset()
         self._sums.update({k: float(v) for k, v in state.get("sums", {}).items()})
         self._weights.update({k: float(v) for k, v in state.get("weights", {}).items()})
-        if self.keep_steps:
-            for key, values in state.get("history", {}).items():
-                self.history[key] = [float(v) for v in values]
         for key, values in state.get("pending", {}).items():
             self._pending[key] = [float(v) for v in values]
         for key, sizes in state.get("pending_sizes", {}).items():
@@ -217,8 +199,6 @@ class MetricAccumulator:
 
     def reset(self) -> None:
         """Forget everything (torchmetrics states included): called when an epoch begins."""
-        self.history.clear()
-        self.outputs.clear()
         self._pending.clear()
         self._pending_sizes.clear()
         self._pending_steps.clear()
