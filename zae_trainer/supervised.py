@@ -142,7 +142,7 @@ class SupervisedTrainer(Trainer):
     # -- the loss and what its output means -------------------------------------------------
     @property
     def loss_fn(self) -> Callable[[Any, Any], torch.Tensor]:
-        """The criterion; assigning one also sets :attr:`task` from it."""
+        """The criterion; assigning one also sets ``task`` (what its output means, for accuracy)."""
         return self._loss_fn
 
     @loss_fn.setter
