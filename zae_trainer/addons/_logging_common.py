@@ -192,7 +192,7 @@ class LoggerAddOn(AddOn):
     def on_run_end(self, trainer: Any) -> None:
         # The trainer timed this run() call; on top of what earlier processes trained, that is
         # the run's total, and a fresh run's total equals its process_seconds exactly.
-        process = getattr(trainer.summary, "seconds", None)
+        process: Any = getattr(trainer.summary, "seconds", None)
         seconds = self._seconds_before + float(process) if is_finite_number(process) else self.run_seconds
         self._seconds_before, self._clock_started = seconds, None  # a later run() continues the clock
         if not self._active:
