@@ -228,3 +228,28 @@ def test_a_bad_config_exits_2_naming_the_key_path(tmp_path: Path, capsys: pytest
     assert main(["fit", str(config)]) == 2
     assert "config.optimizer.lrr: AdamW has no setting 'lrr'. Did you mean 'lr'?" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()  # nothing is created for a config that cannot build
+
+
+@pytest.mark.slow
+def test_sigterm_stops_with_status_143_and_says_how_to_resume(project: Path) -> None:
+    work = project.parent / "work"
+    process = subprocess.Popen(
+        [*_command(), "fit", str(project / "train.yaml"), "--out", "runs/term"],
+        cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(slow=0.004),
+    )
+    assert process.stderr is not None
+    line = ""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not line.startswith("epoch 1/3"):
+        line = process.stderr.readline()
+        if not line:
+            break
+    assert line.startswith("epoch 1/3"), line
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143, err
+    assert "Traceback" not in err
+    assert re.search(r"zae-trainer: terminated \(SIGTERM\) at epoch 2, step \d+\.", err), err
+    checkpoint = re.search(r"emergency checkpoint: (\S+)", err)
+    assert checkpoint and (work / checkpoint.group(1)).exists(), err
+    assert "--out runs/term --resume latest" in err
