@@ -111,6 +111,7 @@ def test_lernomatic_style(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsy
     steps = trainer.progress_checker.step
     assert fresh.get_addon("momentum_scheduler").steps == steps  # the momentum schedule is in checkpoints
     assert trainer.optimizer.param_groups[0]["momentum"] == pytest.approx(0.5 + 0.4 * steps / (28 * 8))
+    assert trainer.current_lr() == pytest.approx(0.2 * 0.995**steps)  # the LR schedule, stepped per iteration
     printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[epoch")]
     assert printed[0].startswith("[epoch 1 step 14]")  # print_every=14
     manager = trainer.get_addon("state_manager")

@@ -112,7 +112,7 @@ def make_trainer(
     momentum: float = 0.5,
     final_momentum: float = 0.9,
     weight_decay: float = 0.0,
-    lr_gamma: float = 0.9,
+    lr_gamma: float = 0.995,
     save_every: int = 0,
     save_best: bool = True,
     print_every: int = 10,
@@ -123,7 +123,7 @@ def make_trainer(
 ) -> Trainer:
     """lernomatic's keyword arguments with their defaults, mapped onto add-ons."""
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=lr_gamma ** (1 / max(1, print_every)))
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=lr_gamma)  # stepped every iteration
     addons: list[Any] = [
         PrintEveryAddon(),
         MomentumSchedulerAddon(start=momentum, end=final_momentum, total_steps=total_steps),
