@@ -91,6 +91,13 @@ def test_objects_with_a_to_method_are_moved_by_it() -> None:
     assert moved["n"] == 3 and moved["s"] == "a"
 
 
+def test_a_packed_sequence_moves_by_its_own_to_keeping_batch_sizes_on_the_cpu() -> None:
+    packed = nn.utils.rnn.pack_sequence([torch.ones(3, 2), torch.ones(2, 2)])
+    moved = move_to_device({"seq": packed}, META)["seq"]
+    assert isinstance(moved, nn.utils.rnn.PackedSequence) and moved.data.device == META
+    assert moved.batch_sizes.device.type == "cpu"  # what the RNN kernels require
+
+
 def test_a_to_method_that_fails_is_named_with_a_fix() -> None:
     class Quantity:
         def to(self, unit: str) -> "Quantity":

@@ -14,7 +14,8 @@ Batches
 types: tuples, lists, namedtuples, dataclasses, and any :class:`~collections.abc.Mapping`
 (``dict`` and its subclasses, ``UserDict``, a tokenizer's ``BatchEncoding``). An object that
 is none of these but has a ``.to()`` method (a graph batch, a custom batch class) is moved by
-calling ``obj.to(device)``. Everything else (strings, numbers, ``None``) is returned as it is.
+calling ``obj.to(device)``; so is a tuple type with its own ``.to()``, such as a
+``PackedSequence``, which knows that its ``batch_sizes`` stay on the CPU. Everything else (strings, numbers, ``None``) is returned as it is.
 A copy is ``non_blocking`` only from pinned memory, where it is safe and useful.
 """
 
@@ -153,6 +154,8 @@ def move_to_device(obj: Any, device: torch.device, non_blocking: bool = True) ->
             return moved_items
         return _rebuild_mapping(obj, moved_items)
     if isinstance(obj, tuple):
+        if callable(getattr(obj, "to", None)):  # a tuple type that knows what moves (PackedSequence)
+            return _move_with_to(obj, device)
         moved = [move_to_device(v, device, non_blocking) for v in obj]
         if hasattr(obj, "_fields"):  # namedtuple
             return type(obj)(*moved)
@@ -168,19 +171,23 @@ def move_to_device(obj: Any, device: torch.device, non_blocking: bool = True) ->
         return dataclasses.replace(obj, **changes)
     if obj is None or isinstance(obj, (str, bytes, int, float, complex, type)):
         return obj
-    to = getattr(obj, "to", None)
-    if callable(to):
-        try:
-            moved_obj = to(device)
-        except (TypeError, ValueError, RuntimeError) as exc:
-            raise TypeError(
-                f"the batch holds a {type(obj).__qualname__} whose .to({str(device)!r}) failed: {exc}. "
-                "Batches are moved by calling .to(device) on objects that have it. To fix, give the class a "
-                ".to(device) that moves its tensors, or return tensors (in tuples, dicts or dataclasses) "
-                "from the DataLoader's collate_fn."
-            ) from exc
-        return obj if moved_obj is None else moved_obj  # an in-place .to() returns nothing
+    if callable(getattr(obj, "to", None)):
+        return _move_with_to(obj, device)
     return obj
+
+
+def _move_with_to(obj: Any, device: torch.device) -> Any:
+    """``obj.to(device)``, or ``obj`` itself when its ``.to()`` works in place and returns nothing."""
+    try:
+        moved = obj.to(device)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(
+            f"the batch holds a {type(obj).__qualname__} whose .to({str(device)!r}) failed: {exc}. "
+            "Batches are moved by calling .to(device) on objects that have it. To fix, give the class a "
+            ".to(device) that moves its tensors, or return tensors (in tuples, dicts or dataclasses) "
+            "from the DataLoader's collate_fn."
+        ) from exc
+    return obj if moved is None else moved
 
 
 def _rebuild_mapping(obj: Mapping[Any, Any], moved_items: dict[Any, Any]) -> Mapping[Any, Any]:
