@@ -13,10 +13,11 @@ its values:
   log interval be very long, pending values are read every :data:`MAX_PENDING_STEPS` steps
   anyway, so the device never holds more than that many per metric.
 * **torchmetrics** ``Metric`` objects (``{"f1": self.f1}`` after ``self.f1.update(...)``) are
-  remembered by reference, once: the metric keeps its own state on the device. At epoch
-  end :meth:`MetricAccumulator.compute_metrics` calls ``compute()`` (which synchronises the
-  metric across processes itself under DDP) and ``reset()``. This is how to get metrics that
-  are not means of batch values (F1, AUROC, precision at k).
+  remembered by reference, once: the metric keeps its own state on the device. When the
+  phase ends :meth:`MetricAccumulator.compute_metrics` calls ``compute()`` (which
+  synchronises the metric across processes itself under DDP) and ``reset()``. This is how
+  to get metrics that are not means of batch values (F1, AUROC, precision at k). Create
+  metrics with ``validate_args=False``: the input checks read values on the host.
 * **Anything else** (logits, predictions, strings) is not kept. A model's per-batch outputs
   for the whole epoch would grow device memory with every step; use
   :meth:`~zae_trainer.Trainer.inference` to collect predictions, or a torchmetrics
@@ -156,9 +157,10 @@ class MetricAccumulator:
     def compute_metrics(self) -> dict[str, float]:
         """Compute, then reset, the torchmetrics ``Metric`` objects the steps returned.
 
-        Called once per epoch, on every process: under DDP each ``compute()`` is a
-        collective (torchmetrics gathers its state from all ranks when a process group
-        exists), so the values are global and are not averaged again. A scalar result is
+        Called when the phase's batches are done, on every process: under DDP each
+        ``compute()`` is a collective (torchmetrics gathers its state from all ranks when a
+        process group exists), so every rank holds the same, global value, and the core's
+        mean over ranks leaves it unchanged. A scalar result is
         named after its key, a 1-D result ``<key>/<index>``, a dict (``MetricCollection``)
         ``<key>/<name>``. Other shapes are skipped with a warning.
         """
