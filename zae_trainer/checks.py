@@ -8,7 +8,7 @@ per-step checks reads a tensor's value, so none synchronises host and device.
 from __future__ import annotations
 
 import difflib
-from typing import Any, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -87,13 +87,13 @@ def batch_size(batch: Any) -> int:
     return 1
 
 
-def check_run_kind(mode: str) -> str:
+def check_run_kind(mode: str) -> Literal["train", "test"]:
     if mode not in RUN_KINDS:
         raise TrainerConfigError(
             f"mode must be 'train' or 'test', got {mode!r}. 'train' trains (and validates); 'test' only "
             "evaluates the loader given to run()."
         )
-    return mode
+    return "train" if mode == "train" else "test"
 
 
 def check_optimizer(model: nn.Module, optimizer: Any, run_kind: str) -> None:

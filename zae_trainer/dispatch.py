@@ -40,8 +40,24 @@ _Chain = tuple[tuple[AddOn, Callable[..., Any]], ...]
 
 
 def annotate(exc: BaseException, addon: AddOn, event: Event) -> None:
-    """Attach where ``exc`` came from, keeping its type (no wrapper exception)."""
-    exc.add_note(f"raised by add-on {addon.name!r} while handling {event}")
+    """Attach where ``exc`` came from, keeping its type (no wrapper exception).
+
+    ``exc.add_note`` (Python 3.11+; tracebacks print the note); on 3.10 the same list is
+    kept in ``exc.__notes__``, which the traceback does not show there.
+    """
+    note = f"raised by add-on {addon.name!r} while handling {event}"
+    add_note = getattr(exc, "add_note", None)
+    if add_note is not None:
+        add_note(note)
+        return
+    notes = getattr(exc, "__notes__", None)
+    try:
+        if isinstance(notes, list):
+            notes.append(note)
+        else:
+            exc.__notes__ = [note]  # type: ignore[attr-defined]
+    except AttributeError:  # an exception type with __slots__: nothing can be attached
+        pass
 
 
 class Dispatcher:

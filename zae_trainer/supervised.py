@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable, Literal, Mapping
 import torch
 from torch import nn
 
+from .builders import build_loss, build_optimizer, build_scheduler
 from .errors import StepOutputError, TrainerConfigError
 from .losses import Task, task_of
 from .trainer import Trainer
@@ -108,8 +109,6 @@ class SupervisedTrainer(Trainer):
         seed: int | None = None,
         **kwargs: Any,
     ) -> None:
-        from .config import build_loss, build_optimizer, build_scheduler
-
         if loss is not None and loss_fn is not None:
             raise TrainerConfigError("give loss= or loss_fn= (the same setting), not both")
         criterion = _loss_entry(loss if loss is not None else loss_fn, label_smoothing, loss_args)

@@ -80,7 +80,8 @@ class TrainerMeta(abc.ABCMeta):
             explicit = _named_parameters(cls.__init__)  # type: ignore[misc]
             for key in [k for k in kwargs if k in declared]:
                 captured[key] = kwargs[key] if key in explicit else kwargs.pop(key)
-        obj = cls.__new__(cls)  # type: ignore[call-overload]
+        new: Any = cls.__new__
+        obj = new(cls)
         obj._zt_captured_settings = captured
         if isinstance(obj, cls):
             obj.__init__(*args, **kwargs)

@@ -47,11 +47,11 @@ class _AccelerateStrategy:
 
     def prepare_loader(self, loader: Any, *, train: bool) -> Any:
         loader = super().prepare_loader(loader, train=train)  # type: ignore[misc]
-        return self.get_addon(AccelerateAddon.name).prepare_loader(loader, train=train)  # type: ignore[attr-defined]
+        return self.addon_of(AccelerateAddon).prepare_loader(loader, train=train)  # type: ignore[attr-defined]
 
     def wrap_model(self, model: nn.Module) -> nn.Module:
         model = super().wrap_model(model)  # type: ignore[misc]
-        return self.get_addon(AccelerateAddon.name).prepare_model(model)  # type: ignore[attr-defined,no-any-return]
+        return self.addon_of(AccelerateAddon).prepare_model(model)  # type: ignore[attr-defined,no-any-return]
 
     def unwrap_model(self, model: nn.Module) -> nn.Module:
         return super().unwrap_model(_accelerator(self).unwrap_model(model))  # type: ignore[misc,no-any-return]
@@ -71,7 +71,7 @@ class _AccelerateStrategy:
 
     def all_reduce_sums(self, values: list[float]) -> list[float]:
         values = super().all_reduce_sums(values)  # type: ignore[misc]
-        return self.get_addon(AccelerateAddon.name).reduce_sums(values)  # type: ignore[attr-defined,no-any-return]
+        return self.addon_of(AccelerateAddon).reduce_sums(values)  # type: ignore[attr-defined,no-any-return]
 
     @property
     def is_main_process(self) -> bool:
@@ -84,7 +84,7 @@ class _AccelerateStrategy:
 
 
 def _accelerator(trainer: Any) -> Any:
-    return trainer.get_addon(AccelerateAddon.name).accelerator
+    return trainer.addon_of(AccelerateAddon).accelerator
 
 
 @contextlib.contextmanager
