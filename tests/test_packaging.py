@@ -79,9 +79,8 @@ def test_all_holds_user_features_and_dev_the_test_toolchain() -> None:
 
 
 @pytest.mark.slow
-def test_mypy_passes_under_the_configured_strictness() -> None:
+def test_mypy_passes_under_the_configured_strictness(tmp_path: Path) -> None:
     pytest.importorskip("mypy")
-    result = subprocess.run(
-        [sys.executable, "-m", "mypy", "--no-error-summary"], cwd=ROOT, capture_output=True, text=True, timeout=600
-    )
+    command = [sys.executable, "-m", "mypy", "--no-error-summary", "--cache-dir", str(tmp_path / "mypy-cache")]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]

@@ -58,6 +58,7 @@ KNOWN_APIS: tuple[Api, ...] = (
     Api("torch.amp.is_autocast_available", r"\bis_autocast_available\b", (2, 4)),
     Api("torch.amp.GradScaler", r"\bamp\.GradScaler\b", (2, 3), "device-generic GradScaler('cuda')"),
     Api("torch.distributed.checkpoint.format_utils", r"checkpoint\.format_utils\b", (2, 3)),
+    Api("torch.distributed.checkpoint.async_save", r"\basync_save\(", (2, 3)),
     Api("torch.distributed.checkpoint.state_dict.get_model_state_dict", r"checkpoint\.state_dict\b", (2, 2)),
     Api("torch.distributed.device_mesh.init_device_mesh", r"\binit_device_mesh\b", (2, 2)),
     Api("torch.optim.swa_utils.get_ema_multi_avg_fn", r"\bget_ema_multi_avg_fn\b", (2, 1), "EMA plugin"),
