@@ -7,9 +7,13 @@ import importlib.util
 import re
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 from typing import Any
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser, as a package (dev extra)
+    import tomli as tomllib  # type: ignore[no-redef]
 
 import pytest
 

@@ -30,9 +30,13 @@ import importlib
 import pkgutil
 import re
 import sys
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser, as a package (dev extra)
+    import tomli as tomllib  # type: ignore[no-redef]
 
 ROOT = Path(__file__).resolve().parent.parent
 SCANNED = (ROOT / "zae_trainer", ROOT / "addons")
