@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import multiprocessing
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
+from ddp_helpers import fast_start_method
+from zae_trainer import Trainer
+from zae_trainer.addons.multi_gpu import MultiGPUAddon
 from zae_trainer.metrics import MetricAccumulator
 
 torchmetrics = pytest.importorskip("torchmetrics")
@@ -23,6 +27,45 @@ def _data(n: int, seed: int) -> TensorDataset:
     x = torch.randn(n, 5, generator=g)
     y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
     return TensorDataset(x, y)
+
+
+class F1Trainer(Trainer):
+    """Module level, so that spawned workers can import it."""
+
+    def __init__(self, model: nn.Module, device: Any = None, **settings: Any) -> None:
+        super().__init__(model, device, **settings)
+        self.valid_f1 = MulticlassF1Score(3, average="macro", validate_args=False).to(self.device)
+
+    def train_step(self, batch: Any) -> dict[str, Any]:
+        x, y = batch
+        return {"loss": nn.functional.cross_entropy(self.model(x), y)}
+
+    def test_step(self, batch: Any) -> dict[str, Any]:
+        x, y = batch
+        logits = self.model(x)
+        self.valid_f1.update(logits, y)
+        return {"loss": nn.functional.cross_entropy(logits, y), "f1": self.valid_f1}
+
+
+@pytest.mark.slow
+def test_a_torchmetric_is_global_across_ranks() -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(5, 3)
+    trainer = F1Trainer.add_on(MultiGPUAddon)(
+        model, "cpu", optimizer=torch.optim.SGD(model.parameters(), lr=0.5), log_bar=False, handle_signals=False,
+        world_size=2, collective_timeout=60.0, start_method=fast_start_method(),
+    )
+    valid = _data(40, seed=1)  # 20 samples per rank, 5 batches of 4 each
+    trainer.run(2, DataLoader(_data(64, seed=0), batch_size=8), DataLoader(valid, batch_size=4))
+    x, y = valid.tensors
+    with torch.no_grad():
+        whole = float(multiclass_f1_score(trainer.model(x), y, num_classes=3, average="macro"))
+        halves = [
+            float(multiclass_f1_score(trainer.model(x[r::2]), y[r::2], num_classes=3, average="macro"))
+            for r in range(2)
+        ]
+    assert trainer.epoch_metrics["valid/f1"] == pytest.approx(whole, abs=1e-6)
+    assert all(abs(h - whole) > 1e-4 for h in halves)  # one rank's share alone would be visibly different
 
 
 def _rank_computes(rank: int, world_size: int, port: int, out: str) -> None:
