@@ -162,6 +162,10 @@ class Dispatcher:
         """The add-on that is an instance of ``cls`` (one dictionary lookup), or None."""
         return self._by_type.get(cls)  # type: ignore[return-value]
 
+    def by_type_table(self) -> Mapping[type, AddOn]:
+        """The class -> add-on table behind :meth:`by_type`, for callers that look up per step."""
+        return self._by_type
+
     def find(self, addon: str | type, owner: str) -> AddOn:
         """The add-on of a class, or answering to a name (``"state_manager"``); KeyError lists them."""
         for obj in self.addons:

@@ -142,6 +142,11 @@ def move_to_device(obj: Any, device: torch.device, non_blocking: bool = True) ->
             return obj
         return obj.to(device, non_blocking=non_blocking and obj.is_pinned())
     if type(obj) is tuple:  # the common (inputs, targets) batch, kept cheap
+        for v in obj:  # already where it belongs (CPU training, a loader that moves): the same tuple
+            if type(v) is not torch.Tensor or v.device != device:
+                break
+        else:
+            return obj
         return tuple(
             [
                 v if type(v) is torch.Tensor and v.device == device else move_to_device(v, device, non_blocking)
