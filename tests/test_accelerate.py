@@ -12,6 +12,7 @@ from ddp_helpers import ddp_trainer, loader, params
 from test_ddp_launchers import run_under_torchrun
 from zae_trainer import AddOnDefinitionError
 from zae_trainer.addons.accelerate import AccelerateAddon
+from zae_trainer.addons.clipping import GradientClippingAddon
 from zae_trainer.addons.multi_gpu import MultiGPUAddon
 from zae_trainer.addons.state_manager import StateManagerAddon
 from zae_trainer.testing.tiny import TinyRegressionTrainer, tiny_trainer
@@ -30,9 +31,9 @@ def fresh_accelerate_state() -> Any:
 
 
 def test_one_process_trains_exactly_like_the_plain_trainer() -> None:
-    trainer = ddp_trainer(AccelerateAddon, accumulate_grad_batches=2, gradient_clip=0.5)
+    trainer = ddp_trainer(AccelerateAddon, GradientClippingAddon, accumulate_grad_batches=2, max_norm=0.5)
     trainer.run(2, loader(48, batch_size=8), loader(20, batch_size=8, seed=7))
-    reference = ddp_trainer(accumulate_grad_batches=2, gradient_clip=0.5)
+    reference = ddp_trainer(GradientClippingAddon, accumulate_grad_batches=2, max_norm=0.5)
     reference.run(2, loader(48, batch_size=8), loader(20, batch_size=8, seed=7))
 
     assert all(torch.equal(a, b) for a, b in zip(params(trainer), params(reference)))

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from ddp_helpers import RankRecorder, SetEpoch, ddp_trainer, loader, params, read_records, regression_data
 from zae_trainer import TrainerConfigError
+from zae_trainer.addons.clipping import GradientClippingAddon
 from zae_trainer.addons.distributed import UnpaddedDistributedSampler, distribute_loader
 from zae_trainer.addons.multi_gpu import MultiGPUAddon
 from zae_trainer.testing.tiny import TinyRegressionTrainer
@@ -53,7 +54,8 @@ def test_two_gloo_ranks_with_batch_b_equal_one_process_with_batch_2b() -> None:
 def test_shuffle_accumulation_and_clipping_match_one_process(tmp_path) -> None:
     record_dir = str(tmp_path / "records")
     trainer = ddp_trainer(
-        MultiGPUAddon, RankRecorder, world_size=2, accumulate_grad_batches=2, gradient_clip=0.5, record_dir=record_dir
+        MultiGPUAddon, RankRecorder, GradientClippingAddon, world_size=2, accumulate_grad_batches=2, max_norm=0.5,
+        record_dir=record_dir,
     )
     trainer.run(2, loader(48, batch_size=4, shuffle=True))
 
@@ -61,7 +63,7 @@ def test_shuffle_accumulation_and_clipping_match_one_process(tmp_path) -> None:
     # (seed = the loader generator's seed, reshuffled by epoch), batch 2B.
     data = regression_data(48)
     sampler = DistributedSampler(data, num_replicas=1, rank=0, shuffle=True, seed=1)
-    reference = ddp_trainer(SetEpoch, accumulate_grad_batches=2, gradient_clip=0.5)
+    reference = ddp_trainer(SetEpoch, GradientClippingAddon, accumulate_grad_batches=2, max_norm=0.5)
     reference.run(2, DataLoader(data, batch_size=8, sampler=sampler))
 
     _assert_params_close(params(trainer), params(reference))

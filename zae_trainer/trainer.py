@@ -75,6 +75,7 @@ class TrainerMeta(abc.ABCMeta):
 
     def __call__(cls, *args: Any, **kwargs: Any) -> Any:
         declared: frozenset[str] = cls.__dict__.get("_zt_addon_keywords") or _addon_keywords(cls)
+        call = (args, dict(kwargs))  # as given: what spawned DDP workers are rebuilt from
         captured: dict[str, Any] = {}
         if declared and kwargs:
             explicit = _named_parameters(cls.__init__)  # type: ignore[misc]
@@ -83,6 +84,7 @@ class TrainerMeta(abc.ABCMeta):
         new: Any = cls.__new__
         obj = new(cls)
         obj._zt_captured_settings = captured
+        obj._zt_constructor_call = call
         if isinstance(obj, cls):
             obj.__init__(*args, **kwargs)
         return obj
@@ -158,6 +160,7 @@ class Trainer(metaclass=TrainerMeta):
     _zt_specs: ClassVar[tuple[AddOnSpec, ...]] = ()
     _zt_handlers: ClassVar[HandlerTable] = {}
     _zt_captured_settings: dict[str, Any]
+    _zt_constructor_call: tuple[tuple[Any, ...], dict[str, Any]]
 
     def __init__(
         self,
@@ -228,6 +231,7 @@ class Trainer(metaclass=TrainerMeta):
         self._started = time.perf_counter()
 
         given = {**self.__dict__.pop("_zt_captured_settings", {}), **addon_settings}
+        self._constructor_call = self.__dict__.pop("_zt_constructor_call", None)
         routed = route_settings(self._zt_specs, given, _CORE_SETTINGS, type(self).__name__)
         addons = tuple(_construct(spec, kwargs) for spec, kwargs in zip(self._zt_specs, routed))
         for addon in addons:
@@ -288,6 +292,16 @@ class Trainer(metaclass=TrainerMeta):
     def phase(self) -> Phase:
         """``"train"``, ``"valid"`` or ``"test"``: which batches the loop is running."""
         return self._phase
+
+    @property
+    def constructor_call(self) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        """The positional and keyword arguments this trainer's class was called with, as given
+        (None for a trainer made without calling its class).
+
+        A distributing add-on that spawns worker processes rebuilds the trainer from them
+        (``type(trainer)(*args, **kwargs)``), whatever ``__init__`` signature a subclass has.
+        """
+        return self._constructor_call
 
     @property
     def run_kind(self) -> RunKind:

@@ -55,7 +55,6 @@ from .distributed.spawn import DistributedWorkerError, SpawnPlan, launch
 
 __all__ = ["MultiGPUAddon", "DistributedWorkerError"]
 
-_CALL = "_zt_multi_gpu_call"  # where __new__ leaves the constructor arguments for setup()
 _BACKENDS = ("nccl", "gloo", "mpi", "ucc", "xccl")
 
 
@@ -63,18 +62,18 @@ class _DistributedStrategy:
     """The trainer-side overrides; each chains with ``super()`` and asks the add-on."""
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
-        # Runs before Trainer.__init__: records the constructor arguments (spawned workers are
-        # built from them) and, under a launcher, selects this process's GPU so that
-        # device="cuda" / None places the model on cuda:LOCAL_RANK from the start.
+        # Runs before Trainer.__init__: under a launcher, selects this process's GPU so that
+        # device="cuda" / None places the model on cuda:LOCAL_RANK from the start. (The
+        # constructor arguments spawned workers are rebuilt from are recorded by the core:
+        # Trainer.constructor_call.)
         parent_new = super().__new__
         self = parent_new(cls) if parent_new is object.__new__ else parent_new(cls, *args, **kwargs)
-        self.__dict__[_CALL] = (args, dict(kwargs))
         if launched_externally() and torch.cuda.is_available() and worker_context() is None:
             torch.cuda.set_device(local_rank() % torch.cuda.device_count())
         return self
 
     def run(self, n_epoch: int, loader: Iterable[Any], valid_loader: Iterable[Any] | None = None, **kwargs: Any) -> None:
-        addon: MultiGPUAddon = self.get_addon(MultiGPUAddon)  # type: ignore[attr-defined]
+        addon: MultiGPUAddon = self.addon_of(MultiGPUAddon)  # type: ignore[attr-defined]
         if addon.must_spawn():
             addon.spawn(n_epoch, loader, valid_loader, kwargs)
             return
@@ -86,7 +85,7 @@ class _DistributedStrategy:
 
     def wrap_model(self, model: nn.Module) -> nn.Module:
         model = super().wrap_model(model)  # type: ignore[misc]
-        return self.get_addon(MultiGPUAddon).wrap(model)  # type: ignore[attr-defined,no-any-return]
+        return self.addon_of(MultiGPUAddon).wrap(model)  # type: ignore[attr-defined,no-any-return]
 
     def unwrap_model(self, model: nn.Module) -> nn.Module:
         if isinstance(model, DistributedDataParallel):
@@ -95,7 +94,7 @@ class _DistributedStrategy:
 
     def prepare_loader(self, loader: Any, *, train: bool) -> Any:
         loader = super().prepare_loader(loader, train=train)  # type: ignore[misc]
-        return self.get_addon(MultiGPUAddon).shard(loader, train=train)  # type: ignore[attr-defined]
+        return self.addon_of(MultiGPUAddon).shard(loader, train=train)  # type: ignore[attr-defined]
 
     def no_sync(self) -> ContextManager[Any]:
         outer = super().no_sync()  # type: ignore[misc]
@@ -106,7 +105,7 @@ class _DistributedStrategy:
 
     def all_reduce_sums(self, values: list[float]) -> list[float]:
         values = super().all_reduce_sums(values)  # type: ignore[misc]
-        return self.get_addon(MultiGPUAddon).reduce_sums(values)  # type: ignore[attr-defined,no-any-return]
+        return self.addon_of(MultiGPUAddon).reduce_sums(values)  # type: ignore[attr-defined,no-any-return]
 
     @property
     def is_main_process(self) -> bool:
@@ -205,7 +204,7 @@ class MultiGPUAddon(AddOn):
     # Construction: per-rank device, recorded arguments
     # ==================================================================================
     def setup(self, trainer: Any) -> None:
-        self._call = trainer.__dict__.pop(_CALL, None)
+        self._call = trainer.constructor_call
         if "device" in self.ddp_kwargs or "device_ids" in self.ddp_kwargs or "module" in self.ddp_kwargs:
             raise TrainerConfigError(
                 "ddp_kwargs may not set module/device_ids: MultiGPUAddon wraps the trainer's model on its rank's "
@@ -299,7 +298,7 @@ class MultiGPUAddon(AddOn):
     def wrap(self, model: nn.Module) -> nn.Module:
         """``DistributedDataParallel(model)`` in a process group, when training."""
         trainer = self.trainer
-        if not group_active() or trainer.mode != "train" or isinstance(model, DistributedDataParallel):
+        if not group_active() or trainer.run_kind != "train" or isinstance(model, DistributedDataParallel):
             return model
         if not any(p.requires_grad for p in model.parameters()):
             return model  # nothing to synchronise (and DDP refuses such a module)
