@@ -88,3 +88,20 @@ def test_mypy_passes_under_the_configured_strictness(tmp_path: Path) -> None:
     command = [sys.executable, "-m", "mypy", "--no-error-summary", "--cache-dir", str(tmp_path / "mypy-cache")]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+
+
+def test_fsdp_on_the_cpu_is_refused_where_torch_cannot_run_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one configuration that needs more than the floor: FSDP2 on a CPU needs torch 2.7
+    (torch.cpu.Stream.record_event); on 2.6 it is refused at construction, not at the first step."""
+    import torch
+
+    from zae_trainer.addons.distributed.fsdp import FSDPAddon
+    from zae_trainer.errors import TrainerConfigError
+    from zae_trainer.testing import TinyRegressionTrainer, tiny_trainer
+
+    built = TinyRegressionTrainer.add_on(FSDPAddon)
+    if hasattr(torch.cpu.Stream, "record_event"):  # torch >= 2.7: it constructs; then pretend to be 2.6
+        tiny_trainer(built, world_size=2)
+        monkeypatch.delattr(torch.cpu.Stream, "record_event")
+    with pytest.raises(TrainerConfigError, match=r"FSDPAddon on the CPU needs torch 2\.7 or newer.*To fix"):
+        tiny_trainer(built, world_size=2)

@@ -18,6 +18,11 @@ Two checks, both runnable in CI:
     then ``PYTHONPATH=/tmp/torch-floor python tools/check_torch_floor.py --runtime`` and
     ``PYTHONPATH=/tmp/torch-floor python -m pytest tests/...``. Done for 2.6.0: the runtime
     check holds and the core, transfer, seed, metrics, control, state and EMA tests pass.
+    (The multi-process FSDP tests need 2.7 on a CPU: see below.)
+
+One configuration needs more than the floor, and is refused with a clear error below it:
+``FSDPAddon`` on a CPU (gloo) needs torch 2.7, where ``torch.cpu.Stream.record_event`` (which
+FSDP2 calls) appeared; measured at 2.6.0, FSDP on the CPU fails there with an AttributeError.
 
 Guarded uses (``getattr(torch, "xpu", None)``, ``hasattr(loader, "in_order")``) are not floor
 requirements and are not listed. When code starts using a newer torch API, add it here.
