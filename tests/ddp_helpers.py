@@ -119,3 +119,38 @@ class SetEpoch(AddOn):
         sampler = getattr(trainer.loader, "sampler", None)
         if isinstance(sampler, DistributedSampler):
             sampler.set_epoch(trainer.progress_checker.epoch)
+
+
+RANK_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ddp_scripts", "rank_run.py")
+_RANK_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
+
+
+def start_ranks(mode: str, out_dir: str, world_size: int = 2, *, slurm: bool = False,
+                env_of_rank: Any = None) -> list[Any]:
+    """Start ``ddp_scripts/rank_run.py MODE OUT_DIR`` as ``world_size`` real processes, each told
+    its rank the way torchrun does (``RANK``...) or, with ``slurm=True``, the way ``srun`` does
+    (``SLURM_PROCID``...). No launcher agent stands between them and the test's signals."""
+    import subprocess
+    import sys
+
+    from zae_trainer.addons.distributed.env import free_port
+
+    base = {k: v for k, v in os.environ.items() if k not in _RANK_VARIABLES and not k.startswith("SLURM_")}
+    base.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", MASTER_PORT=str(free_port()))
+    procs = []
+    for rank in range(world_size):
+        env = dict(base)
+        if slurm:
+            env.update(SLURM_PROCID=str(rank), SLURM_NTASKS=str(world_size), SLURM_LOCALID=str(rank),
+                       SLURM_JOB_NODELIST="localhost", SLURM_JOB_ID="4242")
+        else:
+            env.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1")
+        env.update((env_of_rank or {}).get(rank, {}))
+        procs.append(subprocess.Popen([sys.executable, RANK_SCRIPT, mode, out_dir], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    return procs
+
+
+def rank_report(out_dir: str, rank: int) -> dict[str, Any]:
+    with open(os.path.join(out_dir, f"rank{rank}.json")) as fh:
+        return json.loads(fh.read())  # type: ignore[no-any-return]

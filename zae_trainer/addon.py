@@ -56,6 +56,7 @@ STRATEGY_METHODS: Final[frozenset[str]] = frozenset(
         "zero_grad",
         "no_sync",  # context for non-final micro-batches of gradient accumulation
         "all_reduce_sums",  # cross-process reduction of metric sums
+        "agree_to_stop",  # ranks stop for a signal at the same batch boundary
         "is_main_process",
         "world_size",
     }

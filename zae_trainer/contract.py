@@ -30,7 +30,7 @@ branch for any particular subclass:
     What users write. ``train_step`` returns ``{"loss": scalar with grad, ...}``.
 Strategy methods (``wrap_model``, ``unwrap_model``, ``prepare_loader``, ``skip_consumed_batches``,
 ``autocast``, ``backward``, ``optimizer_step``, ``zero_grad``, ``no_sync``, ``all_reduce_sums``,
-``is_main_process``, ``world_size``, ``run``)
+``agree_to_stop``, ``is_main_process``, ``world_size``, ``run``)
     What strategy add-ons (DDP, mixed precision) override through ``trainer_mixin``, always
     chaining with ``super()``; the set is :data:`~zae_trainer.addon.STRATEGY_METHODS`.
 Constructor keywords

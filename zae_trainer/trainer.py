@@ -249,6 +249,8 @@ class Trainer(metaclass=TrainerMeta):
         self._fire_after_step = caller(Event.AFTER_OPTIMIZER_STEP)
         self._fire_batch_end = caller(Event.TRAIN_BATCH_END)
         self._fire_valid_batch_end = caller(Event.VALID_BATCH_END)
+        # Bound only when a strategy overrides it: one process reads the signal flag directly.
+        self._agree_to_stop = None if type(self).agree_to_stop is Trainer.agree_to_stop else self.agree_to_stop
 
     # ==================================================================================
     # What users write
@@ -433,6 +435,17 @@ class Trainer(metaclass=TrainerMeta):
         """Context for micro-batches that do not end an accumulation group (DDP skips the all-reduce)."""
         return _NO_CONTEXT
 
+    def agree_to_stop(self, pending: int | None, *, phase_end: bool = False) -> int | None:
+        """The signal the loop stops for at this batch boundary, or None to go on.
+
+        ``pending`` is the signal this process received (None if none). The loop calls this
+        after every batch, and with ``phase_end=True`` once a phase's batches are done, but
+        only when a strategy overrides it; alone, a process stops at once (this default).
+        Processes that train together must stop at the same boundary, or those still running
+        block in their next collective: ``MultiGPUAddon`` makes the ranks agree.
+        """
+        return pending
+
     def all_reduce_sums(self, values: list[float]) -> list[float]:
         """Sum ``values`` over processes; identity in one process."""
         return values
@@ -541,14 +554,20 @@ class Trainer(metaclass=TrainerMeta):
             batches, handle = loader, self._eval_batch
         tick = self._display.batch_done if self._display.interactive else None
         signals = self._signals
+        agree = self._agree_to_stop  # None unless processes must agree on stopping (DDP)
         for batch in batches:
             handle(batch)
             if tick is not None:
                 tick()
-            if signals.pending is not None:
-                self._interrupt(signals.pending)
+            if agree is None:
+                if signals.pending is not None:
+                    self._interrupt(signals.pending)
+            elif (agreed := agree(signals.pending)) is not None:
+                self._interrupt(agreed)
             if training and self.stop_reason is not None:
                 break
+        if agree is not None and (agreed := agree(signals.pending, phase_end=True)) is not None:
+            self._interrupt(agreed)
         if training:
             self._step_trailing_group()
         acc = self._acc

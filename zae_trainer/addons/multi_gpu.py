@@ -24,6 +24,14 @@ vice versa. Under gradient accumulation the non-final micro-batches skip DDP's a
 
 Backend: ``nccl`` for CUDA, ``gloo`` for CPU, or ``backend=``. Collectives time out after
 ``collective_timeout`` seconds, so a rank that dies cannot hang the others forever.
+
+Ranks stop together: a SIGINT/SIGTERM that reaches some ranks only is agreed at the next
+training batch boundary (one small CPU all-reduce per batch on a gloo side group, launched at
+one boundary and waited at the next: no device synchronisation), so every rank takes the
+interrupt path (``Event.INTERRUPT``, emergency checkpoint, status ``"interrupted"``) after the
+same batch. And ranks start together: when a run starts (after any resume) the ranks compare
+their ``(epoch, batch in epoch, step)`` and refuse to train from different checkpoints. See
+:mod:`~zae_trainer.addons.distributed.stop`.
 """
 
 from __future__ import annotations
@@ -52,6 +60,7 @@ from .distributed.env import (
 )
 from .distributed.sampler import distribute_loader, distributed_sampler_of
 from .distributed.spawn import DistributedWorkerError, SpawnPlan, launch
+from .distributed.stop import StopAgreement, check_same_position
 
 __all__ = ["MultiGPUAddon", "DistributedWorkerError"]
 
@@ -77,7 +86,7 @@ class _DistributedStrategy:
         if addon.must_spawn():
             addon.spawn(n_epoch, loader, valid_loader, kwargs)
             return
-        with addon.process_group():
+        with addon.process_group(), addon.agreement():
             try:
                 super().run(n_epoch, loader, valid_loader, **kwargs)  # type: ignore[misc]
             finally:
@@ -106,6 +115,10 @@ class _DistributedStrategy:
     def all_reduce_sums(self, values: list[float]) -> list[float]:
         values = super().all_reduce_sums(values)  # type: ignore[misc]
         return self.addon_of(MultiGPUAddon).reduce_sums(values)  # type: ignore[attr-defined,no-any-return]
+
+    def agree_to_stop(self, pending: int | None, *, phase_end: bool = False) -> int | None:
+        pending = super().agree_to_stop(pending, phase_end=phase_end)  # type: ignore[misc]
+        return self.addon_of(MultiGPUAddon).agree(pending, phase_end)  # type: ignore[attr-defined,no-any-return]
 
     @property
     def is_main_process(self) -> bool:
@@ -199,6 +212,9 @@ class MultiGPUAddon(AddOn):
         self.sampler_seed = int(sampler_seed)
         self.start_method = start_method
         self._call: tuple[tuple[Any, ...], dict[str, Any]] | None = None
+        self._side_group: Any = None  # gloo group of this run's stop agreement and start check
+        self._stop_agreement: StopAgreement | None = None
+        self._start_checked = True
 
     # ==================================================================================
     # Construction: per-rank device, recorded arguments
@@ -292,9 +308,45 @@ class MultiGPUAddon(AddOn):
         finally:
             dist.destroy_process_group()
 
+    @contextlib.contextmanager
+    def agreement(self) -> Iterator[None]:
+        """For one ``run()`` in a process group of several ranks: a gloo side group (so it
+        works under NCCL too) on which the ranks agree to stop together and check they start
+        from the same point (see :mod:`~zae_trainer.addons.distributed.stop`)."""
+        if not group_active() or dist.get_world_size() == 1:
+            yield
+            return
+        self._side_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=self.collective_timeout))
+        self._stop_agreement = StopAgreement(self._side_group)
+        self._start_checked = False
+        failed = True
+        try:
+            yield
+            failed = False
+        finally:
+            if failed:
+                self._stop_agreement.abandon()  # the others may never answer a flag in flight
+            group, self._side_group, self._stop_agreement = self._side_group, None, None
+            dist.destroy_process_group(group)
+
     # ==================================================================================
     # What the strategy methods ask
     # ==================================================================================
+    def agree(self, pending: int | None, phase_end: bool) -> int | None:
+        """The signal every rank stops for at this boundary (the same on all), or None.
+
+        Training batches agree one batch behind without blocking; other phases defer a
+        signal to their end, where the ranks agree once, blocking.
+        """
+        agreement = self._stop_agreement
+        if agreement is None:
+            return pending
+        if phase_end:
+            return agreement.at_phase_end(pending)
+        if self.trainer.phase != "train":
+            return None  # ranks may hold different numbers of evaluation batches: agree at the phase end
+        return agreement.at_batch(pending)
+
     def wrap(self, model: nn.Module) -> nn.Module:
         """``DistributedDataParallel(model)`` in a process group, when training."""
         trainer = self.trainer
@@ -343,6 +395,10 @@ class MultiGPUAddon(AddOn):
     # Hooks
     # ==================================================================================
     def on_epoch_begin(self, trainer: Any) -> None:
+        if not self._start_checked:  # after RUN_BEGIN, where the state manager resumes
+            self._start_checked = True
+            pc = trainer.progress_checker
+            check_same_position(self._side_group, (pc.epoch, pc.batch_in_epoch, pc.step))
         epoch = trainer.progress_checker.epoch
         for loader in (trainer.loader, trainer.valid_loader):
             sampler = distributed_sampler_of(loader)
