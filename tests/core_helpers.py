@@ -9,6 +9,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from zae_trainer import AddOn, Event, Trainer
+from zae_trainer.events import EVENT_ARGUMENTS
 
 
 class TinyTrainer(Trainer):
@@ -71,8 +72,7 @@ class Recorder(AddOn):
 
 
 def _make_hook(event: Event) -> Any:
-    extra_args = {"on_log", "on_exception", "on_interrupt", "on_checkpoint_save", "on_checkpoint_load"}
-    if event.value in extra_args:
+    if event in EVENT_ARGUMENTS:
         def hook(self: Recorder, trainer: Any, arg: Any) -> None:
             detail = f" {type(arg).__name__}" if event is Event.EXCEPTION else ""
             self._note(trainer, event, detail)

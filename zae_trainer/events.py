@@ -37,6 +37,12 @@ Where every event fires, as the loop runs (``run(n_epoch, loader, valid_loader)`
                                     KeyboardInterrupt (exit 130) / TrainingTerminated (exit 143)
     a checkpoint is written / read: CHECKPOINT_SAVE(checkpoint) / CHECKPOINT_LOAD(checkpoint)
 
+    trainer.test(loader, weights) (outside run()): VALID_BATCH_END after each test batch (the
+                                    evaluation-batch event, as in a mode="test" run), then
+                                    TEST_END(metrics) with the ``test/*`` means; no run, epoch or
+                                    checkpoint event fires, so training history, progress and
+                                    the run's summary stay as they were
+
 Why end-events do not fire when a phase raises: an end-event promises the phase finished
 (EPOCH_END means "this epoch's metrics are final", so checkpoints and early stopping act on
 it). A phase that raised did not finish, so its subscribers hear EXCEPTION instead, and
@@ -84,6 +90,7 @@ class Event(str, enum.Enum):
     INTERRUPT = "on_interrupt"
     CHECKPOINT_SAVE = "on_checkpoint_save"
     CHECKPOINT_LOAD = "on_checkpoint_load"
+    TEST_END = "on_test_end"
 
     @property
     def hook_name(self) -> str:
@@ -112,6 +119,7 @@ EVENT_ARGUMENTS: Final[dict[Event, tuple[str, ...]]] = {
     Event.INTERRUPT: ("signum",),
     Event.CHECKPOINT_SAVE: ("checkpoint",),
     Event.CHECKPOINT_LOAD: ("checkpoint",),
+    Event.TEST_END: ("metrics",),
 }
 
 HOOK_NAMES: Final[frozenset[str]] = frozenset(e.value for e in Event)

@@ -20,6 +20,7 @@ import abc
 import contextlib
 import inspect
 import math
+import os
 import signal
 import sys
 import time
@@ -120,6 +121,12 @@ class Trainer(metaclass=TrainerMeta):
         shown. The only per-step cost of logging is keeping a reference.
     valid_every_n_epochs : int
         Validate every N epochs (and always after the last).
+    valid_every_n_steps : int or None
+        Validate after every N-th optimizer step (counted over the run, so mid-epoch too)
+        instead of at epoch ends; the run's last epoch still ends with a validation unless
+        its last step was one. Each validation is logged at its step (``LOG`` with
+        ``valid/<name>``); an epoch's ``valid/*`` metrics are those of its latest validation,
+        and an epoch without one has none. Costs nothing per step when None.
     accumulate_grad_batches : int
         Optimizer step every N batches, loss scaled by 1/N.
     nonfinite_loss : {"raise", "ignore"}
@@ -174,6 +181,7 @@ class Trainer(metaclass=TrainerMeta):
         scheduler_step_on_batch: bool = False,
         log_every_n_steps: int = 50,
         valid_every_n_epochs: int = 1,
+        valid_every_n_steps: int | None = None,
         accumulate_grad_batches: int = 1,
         nonfinite_loss: Literal["raise", "ignore"] = "raise",
         monitor: str | None = None,
@@ -197,6 +205,9 @@ class Trainer(metaclass=TrainerMeta):
         self.scheduler_step_on_batch = scheduler_step_on_batch
         self.log_every_n_steps = positive_int("log_every_n_steps", log_every_n_steps)
         self.valid_every_n_epochs = positive_int("valid_every_n_epochs", valid_every_n_epochs)
+        self.valid_every_n_steps = (
+            None if valid_every_n_steps is None else positive_int("valid_every_n_steps", valid_every_n_steps)
+        )
         self.accumulate_grad_batches = positive_int("accumulate_grad_batches", accumulate_grad_batches)
         self._nonfinite_loss: Literal["raise", "ignore"] = choice(
             "nonfinite_loss", nonfinite_loss, ("raise", "ignore")
@@ -227,6 +238,9 @@ class Trainer(metaclass=TrainerMeta):
         self._epoch_batches: int | None = None
         self._step_kwargs: dict[str, Any] = {}  # run()'s extra keywords, for scheduler.step
         self._target_epoch = 0
+        self._target_step: int | None = None  # run(max_steps=...): stop once progress_checker.step reaches it
+        self._halt = False  # leave the training batches now (a stop request or the step limit)
+        self._validated_at: int | None = None  # optimizer step of the latest step-driven validation
         self._monitor_checked = monitor is None
         self._started = time.perf_counter()
 
@@ -237,6 +251,7 @@ class Trainer(metaclass=TrainerMeta):
         for addon in addons:
             addon.trainer = self
         self._dispatch = Dispatcher(self, addons, self._zt_handlers)
+        self._addon_by_type = self._dispatch.by_type_table()  # addon_of: one dict lookup per call
         for addon in addons:
             addon.setup(self)
         self._dispatch.drop_idle()
@@ -247,7 +262,8 @@ class Trainer(metaclass=TrainerMeta):
         self._fire_after_backward = caller(Event.AFTER_BACKWARD)
         self._fire_before_step = caller(Event.BEFORE_OPTIMIZER_STEP)
         self._fire_after_step = caller(Event.AFTER_OPTIMIZER_STEP)
-        self._fire_batch_end = caller(Event.TRAIN_BATCH_END)
+        self._fire_addon_batch_end = caller(Event.TRAIN_BATCH_END)
+        self._fire_batch_end = self._fire_addon_batch_end  # run() adds the step watch when it needs one
         self._fire_valid_batch_end = caller(Event.VALID_BATCH_END)
         # Bound only when a strategy overrides it: one process reads the signal flag directly.
         self._agree_to_stop = None if type(self).agree_to_stop is Trainer.agree_to_stop else self.agree_to_stop
@@ -368,7 +384,7 @@ class Trainer(metaclass=TrainerMeta):
 
         One dictionary lookup, built at construction: what strategy mixins use per step.
         """
-        return self._dispatch.by_type(cls)
+        return self._addon_by_type.get(cls)  # type: ignore[return-value]
 
     @property
     def addon_instances(self) -> tuple[AddOn, ...]:
@@ -467,19 +483,57 @@ class Trainer(metaclass=TrainerMeta):
     # ==================================================================================
     # The loop
     # ==================================================================================
-    def run(self, n_epoch: int, loader: Iterable[Any], valid_loader: Iterable[Any] | None = None, **kwargs: Any) -> None:
+    def run(
+        self,
+        n_epoch: int | None,
+        loader: Iterable[Any],
+        valid_loader: Iterable[Any] | None = None,
+        *,
+        max_steps: int | None = None,
+        **kwargs: Any,
+    ) -> None:
         """Train for ``n_epoch`` more epochs (or, with ``mode="test"``, evaluate ``n_epoch`` times).
 
-        Extra keyword arguments are passed to ``scheduler.step``.
+        Parameters
+        ----------
+        n_epoch : int or None
+            Epochs to train, counted from where the trainer is when ``run`` starts (a
+            checkpoint the state manager resumes at ``RUN_BEGIN`` counts toward it). ``None``
+            only with ``max_steps``: as many epochs as the steps need.
+        loader, valid_loader
+            Training and (optional) validation batches.
+        max_steps : int or None
+            Stop after this many more optimizer steps, mid-epoch if need be (with
+            ``n_epoch`` too, whichever comes first). The epoch in progress then ends early,
+            as with ``request_stop``: the final validation runs, ``EPOCH_END`` fires with the
+            metrics of the batches run, the epoch counts as done (a later ``run`` starts a
+            new epoch) and the summary's status is ``"finished"``. Costs nothing per step
+            when None.
+        **kwargs
+            Passed to ``scheduler.step``.
         """
-        check_run_arguments(n_epoch, loader, valid_loader, self.devices, self.world_size)
+        if max_steps is not None:
+            max_steps = positive_int("max_steps", max_steps)
+            if self._run_kind != "train":
+                raise TrainerConfigError(
+                    "max_steps counts optimizer steps, and a mode='test' trainer takes none. To fix, drop "
+                    "max_steps, or evaluate with trainer.test(loader)."
+                )
+        elif n_epoch is None:
+            raise TrainerConfigError("run() needs n_epoch, max_steps or both, e.g. run(10, loader) or "
+                                     "run(None, loader, max_steps=1000)")
+        check_run_arguments(1 if n_epoch is None else n_epoch, loader, valid_loader, self.devices, self.world_size)
         pc = self.progress_checker
         training = self._run_kind == "train"
         self.loader = self.prepare_loader(loader, train=training)
         self.valid_loader = self.prepare_loader(valid_loader, train=False) if valid_loader is not None else None
         self.stop_reason = None
+        self._halt = False
         self._step_kwargs = kwargs
-        self._target_epoch = pc.epoch + n_epoch
+        self._target_step = None if max_steps is None else pc.step + max_steps
+        self._target_epoch = pc.epoch + (n_epoch if n_epoch is not None else self._epochs_for(max_steps or 0))
+        self._validated_at = None
+        self._fire_batch_end = self._batch_end_caller()
         self._started = time.perf_counter()
         self.summary = RunSummary(monitor=self.monitor)
         self._display = ProgressDisplay(self.log_bar and self.is_main_process)
@@ -490,7 +544,7 @@ class Trainer(metaclass=TrainerMeta):
                 self.emit(Event.RUN_BEGIN)
                 self._display.start(self._target_epoch, pc.epoch)
                 if training:
-                    while pc.epoch < self._target_epoch and self.stop_reason is None:
+                    while pc.epoch < self._target_epoch and not self._halt and not self._steps_done():
                         self._run_epoch()
                 else:  # evaluation: progress counts training only
                     for _ in range(n_epoch):
@@ -519,20 +573,74 @@ class Trainer(metaclass=TrainerMeta):
         else:
             self._run_phase("train", self.loader)
             if self._validation_due():
-                self._enter_phase("valid")  # VALID_BEGIN and VALID_END see phase "valid" too
-                try:
-                    self.emit(Event.VALID_BEGIN)
-                    self._run_phase("valid", self.valid_loader)
-                    self.emit(Event.VALID_END)
-                finally:
-                    self._enter_phase("train")
+                self._validate()
         self._close_epoch(time.perf_counter() - epoch_started)
 
     def _validation_due(self) -> bool:
         if self.valid_loader is None or self.stop_reason is not None:
             return False
-        epoch = self.progress_checker.epoch + 1
-        return epoch % self.valid_every_n_epochs == 0 or epoch >= self._target_epoch
+        pc = self.progress_checker
+        last = pc.epoch + 1 >= self._target_epoch or self._steps_done()
+        if self.valid_every_n_steps is not None:  # validated on steps; the run still ends validated
+            return last and self._validated_at != pc.step
+        return last or (pc.epoch + 1) % self.valid_every_n_epochs == 0
+
+    def _validate(self) -> None:
+        """One validation pass: ``VALID_BEGIN``, the valid batches, ``VALID_END`` (phase "valid" throughout)."""
+        self._enter_phase("valid")
+        try:
+            self.emit(Event.VALID_BEGIN)
+            self._run_phase("valid", self.valid_loader)
+            self.emit(Event.VALID_END)
+        finally:
+            self._enter_phase("train")
+
+    # -- run(max_steps=...) and valid_every_n_steps: bound only when asked for ------------
+    def _steps_done(self) -> bool:
+        return self._target_step is not None and self.progress_checker.step >= self._target_step
+
+    def _epochs_for(self, steps: int) -> int:
+        """Epochs ``steps`` optimizer steps take (for the progress display); a bound when unknown."""
+        length = loader_length(self.loader)
+        if length is None:
+            return sys.maxsize
+        per_epoch = max(1, math.ceil(length / self.accumulate_grad_batches))
+        return max(1, math.ceil((steps + self.progress_checker.batch_in_epoch // self.accumulate_grad_batches) / per_epoch))
+
+    def _batch_end_caller(self) -> Callable[[], None] | None:
+        """What the loop calls at ``TRAIN_BATCH_END``: the add-ons' hooks, plus the step watch
+        when this run has a step limit or step-driven validation (otherwise nothing is added)."""
+        addons = self._fire_addon_batch_end
+        watch_valid = self.valid_every_n_steps is not None and self.valid_loader is not None
+        if self._target_step is None and not watch_valid:
+            return addons
+        pc = self.progress_checker
+        every = self.valid_every_n_steps or 0
+        seen = pc.step
+
+        def batch_end() -> None:
+            nonlocal seen
+            if addons is not None:
+                addons()
+            if pc.step == seen:  # no optimizer step closed in this batch
+                return
+            seen = pc.step
+            if watch_valid and pc.step % every == 0 and self.stop_reason is None:
+                self._validate_on_step()
+            if self._steps_done():
+                self._halt = True
+
+        return batch_end
+
+    def _validate_on_step(self) -> None:
+        """A step-driven validation: its metrics replace this epoch's ``valid/*`` and are logged now."""
+        self._accumulators["valid"].reset()
+        self._extras.pop("valid", None)
+        self._validate()
+        self._validated_at = self.progress_checker.step
+        metrics = self._reduce(("valid",))
+        if self.is_main_process and metrics:
+            self.emit(Event.LOG, metrics)
 
     def _enter_phase(self, phase: Phase) -> None:
         self._phase = phase
@@ -564,7 +672,7 @@ class Trainer(metaclass=TrainerMeta):
                     self._interrupt(signals.pending)
             elif (agreed := agree(signals.pending)) is not None:
                 self._interrupt(agreed)
-            if training and self.stop_reason is not None:
+            if training and self._halt:
                 break
         if agree is not None and (agreed := agree(signals.pending, phase_end=True)) is not None:
             self._interrupt(agreed)
@@ -685,10 +793,25 @@ class Trainer(metaclass=TrainerMeta):
 
     def _close_epoch(self, seconds: float) -> None:
         pc = self.progress_checker
+        metrics = self._reduce(tuple(self._accumulators))
+        self.epoch_metrics = metrics
+        self.history.append(dict(metrics))
+        if self._run_kind == "train":
+            if not self._monitor_checked and self.monitor is not None:
+                self._monitor_checked = check_monitor(self.monitor, metrics, self.valid_loader is not None)
+            self._track_best()
+            self._step_scheduler_per_epoch()
+            pc.update_epoch()
+        self.emit(Event.EPOCH_END)
+        self._display.epoch_end(pc.epoch, self._target_epoch, metrics, seconds)
+
+    def _reduce(self, phases: tuple[str, ...]) -> dict[str, float]:
+        """The means of ``phases``' metrics (global under DDP: one collective), as ``<phase>/<name>``."""
         names: list[str] = []
         totals: list[float] = []
         weights: list[float] = []
-        for phase, acc in self._accumulators.items():
+        for phase in phases:
+            acc = self._accumulators[phase]
             extras = self._extras.get(phase, {})
             for key, (total, weight) in sorted(acc.sums().items()):
                 if key not in extras:
@@ -701,17 +824,7 @@ class Trainer(metaclass=TrainerMeta):
                 weights.append(1.0)
         reduced = self.all_reduce_sums(totals + weights)  # one collective per epoch under DDP
         n = len(names)
-        metrics = {name: reduced[i] / reduced[n + i] if reduced[n + i] else math.nan for i, name in enumerate(names)}
-        self.epoch_metrics = metrics
-        self.history.append(dict(metrics))
-        if self._run_kind == "train":
-            if not self._monitor_checked and self.monitor is not None:
-                self._monitor_checked = check_monitor(self.monitor, metrics, self.valid_loader is not None)
-            self._track_best()
-            self._step_scheduler_per_epoch()
-            pc.update_epoch()
-        self.emit(Event.EPOCH_END)
-        self._display.epoch_end(pc.epoch, self._target_epoch, metrics, seconds)
+        return {name: reduced[i] / reduced[n + i] if reduced[n + i] else math.nan for i, name in enumerate(names)}
 
     def _step_scheduler_per_epoch(self) -> None:
         if self.scheduler is None or self.scheduler_step_on_batch:
@@ -770,6 +883,73 @@ class Trainer(metaclass=TrainerMeta):
         """
         if self.stop_reason is None:
             self.stop_reason = reason
+        self._halt = True
+
+    def test(self, loader: Iterable[Any], weights: str | os.PathLike[str] | None = None) -> dict[str, float]:
+        """Evaluate ``loader`` with ``test_step`` and return the ``test/*`` metrics.
+
+        Nothing of the training run changes: not ``history``, ``epoch_metrics``, ``best``,
+        progress, the run's ``summary`` (nor a logger's ``summary.json``), the optimizer, nor
+        the model's weights once it returns. The metrics go to every add-on through
+        ``Event.TEST_END(metrics)``; loggers record them as test results.
+
+        Parameters
+        ----------
+        loader : iterable
+            The test batches.
+        weights : {None, "last", "best"}, "best:<metric>" or a path
+            Which weights to evaluate. ``None`` or ``"last"``: the model as it is now (after
+            training, the last epoch's weights). ``"best"``, ``"best:<metric>"`` or a file:
+            loaded through the state manager (``StateManagerAddon``), which must be present.
+            Unlike Lightning's ``trainer.test(ckpt_path="best")``, which leaves the best
+            weights loaded, the weights the model had are put back afterwards, so training can
+            go on and ``test(weights="last")`` after ``test(weights="best")`` means what it says;
+            use ``get_addon("state_manager").apply_weights("best")`` to keep the best loaded.
+
+        Returns
+        -------
+        dict of str to float
+            ``test/<name>`` means over the batches, weighted by batch size (global under DDP).
+
+        Examples
+        --------
+        >>> metrics = trainer.test(test_loader, weights="best")  # doctest: +SKIP
+        >>> metrics["test/loss"]  # doctest: +SKIP
+        """
+        if loader is None or not hasattr(loader, "__iter__"):
+            raise TypeError(f"test() needs an iterable of batches (a DataLoader), got {type(loader).__name__}")
+        restore = self._load_test_weights(weights)
+        previous = self._phase, self._acc, self._accumulators["test"], self._extras.pop("test", None)
+        was_training = self.model.training
+        self._accumulators["test"] = MetricAccumulator("test")
+        try:
+            self._run_phase("test", self.prepare_loader(loader, train=False))
+            metrics = self._reduce(("test",))
+        finally:
+            self._phase, self._acc, self._accumulators["test"] = previous[0], previous[1], previous[2]
+            self._extras.pop("test", None)
+            if previous[3] is not None:
+                self._extras["test"] = previous[3]
+            self.model.train(was_training)
+            if restore is not None:
+                self.raw_model.load_state_dict(restore)
+        self.emit(Event.TEST_END, dict(metrics))
+        return metrics
+
+    def _load_test_weights(self, weights: str | os.PathLike[str] | None) -> dict[str, torch.Tensor] | None:
+        """Load ``weights`` for :meth:`test`; return a copy of the weights to put back (None: none loaded)."""
+        if weights is None or weights == "last":
+            return None
+        manager = next((a for a in self.addon_instances if a.name == "state_manager"), None)
+        if manager is None:
+            raise TrainerConfigError(
+                f"test(weights={weights!r}) loads checkpointed weights through the state manager, and this trainer "
+                f"({type(self).__name__}) has none. To fix, add StateManagerAddon(save_path=...) to the trainer, "
+                "load the weights yourself and call test(loader) (weights=None evaluates the model as it is)."
+            )
+        restore = {k: v.detach().clone() for k, v in self.raw_model.state_dict().items()}
+        manager.apply_weights(weights)  # type: ignore[attr-defined]
+        return restore
 
     def inference(self, loader: Iterable[Any]) -> list[Any]:
         """Evaluate ``loader`` and return one item per batch, on the CPU.
@@ -856,6 +1036,7 @@ _CORE_SETTINGS = (
     "scheduler_step_on_batch",
     "log_every_n_steps",
     "valid_every_n_epochs",
+    "valid_every_n_steps",
     "accumulate_grad_batches",
     "nonfinite_loss",
     "monitor",

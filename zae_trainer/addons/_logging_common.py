@@ -152,6 +152,13 @@ class LoggerAddOn(AddOn):
         """End the backend's session; ``outcome`` is one of :data:`OUTCOMES`."""
         raise NotImplementedError
 
+    def _write_test(self, trainer: Any, metrics: dict[str, float]) -> None:
+        """Record ``trainer.test()``'s metrics (outside any run); default: say they are not recorded."""
+        self._warn(
+            f"{self.backend} does not record trainer.test() results yet; they are returned by test() and "
+            "LocalLoggerAddon writes them to test.json."
+        )
+
     # -- hooks ----------------------------------------------------------------------
     def on_run_begin(self, trainer: Any) -> None:
         if not trainer.is_main_process:
@@ -188,6 +195,10 @@ class LoggerAddOn(AddOn):
     def on_interrupt(self, trainer: Any, signum: int) -> None:
         self._interrupted = True
         self.interrupt_signal = int(signum)
+
+    def on_test_end(self, trainer: Any, metrics: Mapping[str, float]) -> None:
+        if trainer.is_main_process:
+            self._guarded("record test results", self._write_test, trainer, dict(metrics))
 
     def on_run_end(self, trainer: Any) -> None:
         # The trainer timed this run() call; on top of what earlier processes trained, that is

@@ -143,6 +143,18 @@ class LocalLoggerAddon(LoggerAddOn):
             for key, value in metrics.items():
                 self._writer.add_scalar(EPOCH_PREFIX + key, value, step)
 
+    def _write_test(self, trainer: Any, metrics: dict[str, float]) -> None:
+        # One entry per trainer.test() call (best and last weights, say), beside summary.json,
+        # which stays the training run's.
+        path = os.path.join(self.log_dir, "test.json")
+        previous: list[Any] = []
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as handle:
+                previous = json.load(handle)
+        pc = trainer.progress_checker
+        os.makedirs(self.log_dir, exist_ok=True)
+        _write_json(path, [*previous, {"step": pc.step, "epoch": pc.epoch, "metrics": metrics}])
+
     def _write_summary(self, trainer: Any, summary: dict[str, Any]) -> None:
         data = dict(summary)
         data["final_metrics"] = dict(trainer.summary.final_metrics)
