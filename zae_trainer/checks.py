@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .errors import StepOutputError, TrainerConfigError
+from .slurm import refuse_independent_tasks
 
 __all__ = [
     "RUN_KINDS",
@@ -126,6 +127,7 @@ def check_run_arguments(
             f"{len(devices)} devices were given ({[str(d) for d in devices]}) but no add-on "
             "distributes the work. Add MultiGPUAddon, or pass a single device."
         )
+    refuse_independent_tasks(world_size)  # N srun tasks, each a one-process trainer
     for name, value in (("loader", loader), ("valid_loader", valid_loader)):
         if value is None:
             if name == "loader":

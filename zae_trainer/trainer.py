@@ -245,7 +245,9 @@ class Trainer(metaclass=TrainerMeta):
         self._started = time.perf_counter()
 
         given = {**self.__dict__.pop("_zt_captured_settings", {}), **addon_settings}
-        self._constructor_call = self.__dict__.pop("_zt_constructor_call", None)
+        self._constructor_call: tuple[tuple[Any, ...], dict[str, Any]] | None = self.__dict__.pop(
+            "_zt_constructor_call", None
+        )
         routed = route_settings(self._zt_specs, given, _CORE_SETTINGS, type(self).__name__)
         addons = tuple(_construct(spec, kwargs) for spec, kwargs in zip(self._zt_specs, routed))
         for addon in addons:

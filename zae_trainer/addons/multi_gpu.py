@@ -10,7 +10,8 @@ One add-on, three ways to launch; the user's trainer subclass does not change:
    ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) every process builds the trainer; this add-on
    puts the model on ``cuda:LOCAL_RANK`` (CPU stays CPU), creates the process group when
    ``run()`` starts and destroys it when ``run()`` ends. Multi-node works as the launcher
-   does.
+   does. ``srun`` (SLURM) counts as a launcher: its tasks join as ranks (see
+   :mod:`zae_trainer.slurm`).
 3. **The user created the process group** already: it is used, and left alone.
 
 In each process: the model is wrapped in ``DistributedDataParallel`` once it is on its device;
@@ -48,6 +49,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..addon import AddOn
 from ..errors import TrainerConfigError
+from ..slurm import join_slurm_tasks
 from .distributed.env import (
     choose_backend,
     current_rank,
@@ -77,6 +79,8 @@ class _DistributedStrategy:
         # Trainer.constructor_call.)
         parent_new = super().__new__
         self = parent_new(cls) if parent_new is object.__new__ else parent_new(cls, *args, **kwargs)
+        if not launched_externally() and worker_context() is None:
+            join_slurm_tasks()  # srun's tasks become ranks, as if torchrun had started them
         if launched_externally() and torch.cuda.is_available() and worker_context() is None:
             torch.cuda.set_device(local_rank() % torch.cuda.device_count())
         return self
