@@ -10,7 +10,7 @@ import torch
 
 from ddp_helpers import ddp_trainer, loader, params
 from test_ddp_launchers import run_under_torchrun
-from zae_trainer import AddOnDefinitionError
+from zae_trainer import AddOnDefinitionError, TrainerConfigError
 from zae_trainer.addons.accelerate import AccelerateAddon
 from zae_trainer.addons.clipping import GradientClippingAddon
 from zae_trainer.addons.multi_gpu import MultiGPUAddon
@@ -102,3 +102,29 @@ def test_conformance_in_one_process(tmp_path) -> None:
     # "compose" combines every built-in, precision_mixer included, which this add-on refuses by design.
     report = check_addon(AccelerateAddon, workdir=tmp_path, skip=("compose",))
     assert report["sync"] == 0
+
+
+@pytest.mark.parametrize(
+    ("variable", "mode"),
+    [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DEEPSPEED"),
+     ("ACCELERATE_USE_MEGATRON_LM", "MEGATRON_LM")],
+)
+def test_untested_accelerate_modes_from_the_launch_config_are_refused_at_construction(
+    monkeypatch, variable: str, mode: str
+) -> None:
+    # What `accelerate launch` with an FSDP/DeepSpeed/Megatron config exports to each process.
+    monkeypatch.setenv(variable, "true")
+    with pytest.raises(TrainerConfigError) as info:
+        ddp_trainer(AccelerateAddon)
+    message = str(info.value)
+    assert f"Accelerate's {mode} mode" in message and "FSDPAddon" in message and variable in message
+
+
+def test_an_fsdp_plugin_object_is_refused_and_plain_accelerate_still_builds(monkeypatch) -> None:
+    from accelerate import FullyShardedDataParallelPlugin
+
+    with pytest.raises(TrainerConfigError, match="FSDP mode"):
+        ddp_trainer(AccelerateAddon(accelerator_kwargs={"fsdp_plugin": FullyShardedDataParallelPlugin(fsdp_version=2)}))
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
+    trainer = ddp_trainer(AccelerateAddon)
+    assert trainer.addon_of(AccelerateAddon).accelerator.distributed_type.value == "NO"

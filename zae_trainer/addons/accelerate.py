@@ -1,8 +1,19 @@
 """AccelerateAddon: hand the model, optimizer and loaders to Hugging Face Accelerate.
 
-With it, whatever ``accelerate launch`` was configured for — multi-GPU and multi-node DDP,
-FSDP, DeepSpeed, mixed precision — runs under this trainer's loop, events and add-ons;
-the user's trainer subclass does not change.
+What is supported, and tested: one process, and data parallelism (DDP) over the processes
+``accelerate launch`` (or ``torchrun``) starts — CPU/gloo in the tests, multi-GPU and
+multi-node as Accelerate does it — with Accelerate's mixed precision (``fp16``/``bf16``;
+``fp8`` is passed through untested). All of it runs under this trainer's loop, events and
+add-ons; the user's trainer subclass does not change.
+
+What is refused, at construction: Accelerate's **FSDP**, **DeepSpeed** and **Megatron-LM**
+(``distributed_type`` FSDP / DEEPSPEED / MEGATRON_LM, whether chosen by ``accelerate
+config``, ``ACCELERATE_USE_FSDP`` / ``ACCELERATE_USE_DEEPSPEED`` / ``ACCELERATE_USE_MEGATRON_LM``
+or a plugin in ``accelerator_kwargs``). Wiring them correctly needs Accelerate's own gradient
+accumulation, ``accelerator.clip_grad_norm_`` (a global norm), loaders through ``prepare``
+and all-rank ``get_state_dict`` checkpoints; none of that has been run here, so it is not
+claimed. For sharded training use :class:`~zae_trainer.addons.distributed.fsdp.FSDPAddon`
+(PyTorch's FSDP2 ``fully_shard`` with Distributed Checkpoint saves, tested).
 
 What goes through the ``Accelerator``:
 
@@ -108,8 +119,48 @@ def _plain_data_parallel(accelerator: Any) -> bool:
     return accelerator.distributed_type in (DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
 
 
+_UNTESTED_MODES = {
+    "FSDP": ("fsdp_plugin", "ACCELERATE_USE_FSDP"),
+    "DEEPSPEED": ("deepspeed_plugin", "ACCELERATE_USE_DEEPSPEED"),
+    "MEGATRON_LM": ("megatron_lm_plugin", "ACCELERATE_USE_MEGATRON_LM"),
+}
+
+
+def _requested_modes(kwargs: Mapping[str, Any]) -> list[str]:
+    """Accelerate modes asked for by a plugin argument or by ``accelerate launch``'s variables."""
+    import os
+
+    truthy = ("1", "true", "yes", "on")
+    return [
+        mode
+        for mode, (plugin, variable) in _UNTESTED_MODES.items()
+        if kwargs.get(plugin) is not None or os.environ.get(variable, "").strip().lower() in truthy
+    ]
+
+
+def _refuse_untested_modes(modes: list[str]) -> None:
+    refused = [m for m in modes if m in _UNTESTED_MODES]
+    if not refused:
+        return
+    from ..errors import TrainerConfigError
+
+    raise TrainerConfigError(
+        f"AccelerateAddon does not support Accelerate's {' / '.join(refused)} mode: it has not been wired and "
+        "tested with this trainer (gradient accumulation, global-norm clipping, loaders and all-rank "
+        "checkpoints need Accelerate's own calls there), so it is refused rather than run wrongly. To fix, "
+        "either train sharded with FSDPAddon (zae_trainer.addons.distributed.fsdp: PyTorch FSDP2, launched by "
+        "the trainer or torchrun), or use AccelerateAddon for one process or DDP: drop the plugin from "
+        "accelerator_kwargs and unset ACCELERATE_USE_FSDP / ACCELERATE_USE_DEEPSPEED / "
+        "ACCELERATE_USE_MEGATRON_LM (answer 'no' to FSDP/DeepSpeed/Megatron in `accelerate config`)."
+    )
+
+
 class AccelerateAddon(AddOn):
-    """Train through Hugging Face Accelerate: FSDP, DeepSpeed, multi-node via ``accelerate launch``.
+    """Train through Hugging Face Accelerate: one process or DDP via ``accelerate launch``.
+
+    Accelerate's FSDP, DeepSpeed and Megatron-LM modes are refused with
+    :class:`~zae_trainer.errors.TrainerConfigError` (see the module docstring); use
+    ``FSDPAddon`` for sharded training.
 
     Parameters
     ----------
@@ -148,10 +199,12 @@ class AccelerateAddon(AddOn):
                 "AccelerateAddon needs Hugging Face Accelerate. To fix, pip install 'zae_trainer[accelerate]'."
             ) from exc
         kwargs = dict(self.accelerator_kwargs)
+        _refuse_untested_modes(_requested_modes(kwargs))  # before Accelerate starts anything
         kwargs.setdefault("cpu", trainer.device.type == "cpu")
         if self.mixed_precision is not None:
             kwargs["mixed_precision"] = self.mixed_precision
         self.accelerator = Accelerator(**kwargs)
+        _refuse_untested_modes([str(self.accelerator.distributed_type.value)])  # e.g. from accelerate config
         trainer.device = self.accelerator.device
         trainer.devices = [trainer.device]
         trainer.model = trainer.model.to(trainer.device)
