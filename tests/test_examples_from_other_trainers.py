@@ -48,10 +48,11 @@ def test_dltrainer_style(task: str, weights: str, tmp_path: Path, monkeypatch: p
     chosen = manifest["best"] if weights == "best" else manifest["latest"]
     entry = next(c for c in manifest["checkpoints"] if c["name"] == chosen)
     assert entry["epoch"] == (trainer.best["epoch"] if weights == "best" else epochs)
-    from zae_trainer.addons.checkpoint import read_weights
-
-    applied = read_weights(str(tmp_path / "ckpt" / chosen))
-    assert all(torch.equal(applied[k], v) for k, v in trainer.model.state_dict().items())  # tested those weights
+    final = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.get_addon("state_manager").apply_weights(str(tmp_path / "ckpt" / chosen))
+    assert trainer.test(trainer.loaders["test"]) == test  # the weights the script tested
+    if weights == "best" and trainer.best["epoch"] != epochs:
+        assert any(not torch.equal(final[k], v) for k, v in trainer.model.state_dict().items())
     assert f"test with the {weights} weights" in capsys.readouterr().out
 
 

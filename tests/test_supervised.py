@@ -43,6 +43,12 @@ def test_keyword_settings_alone_build_and_train_like_a_config() -> None:
     trainer.run(3)  # the loaders built from the datasets
     assert trainer.epoch_metrics["valid/acc"] > 0.9
     assert len(trainer.history) == 3
+    with pytest.raises(TrainerConfigError, match="give test_dataset="):
+        trainer.test()
+    trainer.loaders["test"] = trainer.loaders["valid"]
+    assert trainer.test() == pytest.approx({"test/loss": trainer.history[-1]["valid/loss"],
+                                            "test/acc": trainer.history[-1]["valid/acc"]})
+    assert len(trainer.history) == 3
 
     config_built = from_config({
         "model": model(),

@@ -17,6 +17,7 @@ are resolved when the trainer is constructed, so a misspelt one fails there, not
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Iterable, Literal, Mapping
 
 import torch
@@ -170,6 +171,18 @@ class SupervisedTrainer(Trainer):
         if valid_loader is None:
             valid_loader = self.loaders.get("valid")
         super().run(n_epoch, loader, valid_loader, **kwargs)
+
+    def test(  # type: ignore[override]
+        self, loader: Iterable[Any] | None = None, weights: str | os.PathLike[str] | None = None
+    ) -> dict[str, float]:
+        """As :meth:`Trainer.test`; ``loader`` defaults to the one built from ``test_dataset``."""
+        if loader is None:
+            loader = self.loaders.get("test")
+            if loader is None:
+                raise TrainerConfigError(
+                    "test() needs a loader: pass one, or give test_dataset= when constructing the trainer"
+                )
+        return super().test(loader, weights)
 
     # -- steps ---------------------------------------------------------------------------------------
     def _split(self, batch: Any) -> tuple[Any, Any]:

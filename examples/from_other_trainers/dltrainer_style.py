@@ -10,9 +10,9 @@ and one call per phase:
 * validation every epoch picks the best epoch (``monitor="valid/loss"``); the state manager
   keeps the best checkpoint and the last one;
 * ``EarlyStoppingAddon`` stops when the validation loss has not improved for ``patience`` epochs;
-* the test split is evaluated once, after training, with the best weights
-  (``--test-weights best``) or the final ones (``last``). It plays no part in training or in
-  choosing the best epoch.
+* ``trainer.test(weights="best")`` (or ``"last"``) evaluates the test split once, after
+  training, and returns ``test/loss`` and ``test/acc``. The test split plays no part in
+  training or in choosing the best epoch, and testing changes nothing of the run.
 
 Run:  python examples/from_other_trainers/dltrainer_style.py [--task binary] [--test-weights last]
 """
@@ -46,23 +46,6 @@ def make_splits(task: str, seed: int = 0) -> dict[str, TensorDataset]:
         x = centres[y] + 1.5 * torch.randn(n, 8, generator=g)
         splits[name] = TensorDataset(x, y.float() if task == "binary" else y)
     return splits
-
-
-def evaluate(trainer: SupervisedTrainer, loader: DataLoader) -> dict[str, float]:
-    """Loss and accuracy of the trainer's current weights on ``loader``.
-
-    Through ``inference`` (the test step's ``output``, no metrics, history or progress of the
-    run touched), then the trainer's own loss on the collected outputs.
-    """
-    outputs = torch.cat(trainer.inference(loader))
-    targets = torch.cat([y for _, y in loader])
-    if trainer.task == "multiclass":
-        loss = trainer.loss_fn(outputs, targets)
-        correct = outputs.argmax(1) == targets
-    else:  # one logit per sample, shaped (N, 1); targets (N,)
-        loss = trainer.loss_fn(outputs, targets.view_as(outputs))
-        correct = (outputs.view_as(targets) > 0) == (targets > 0.5)
-    return {"test/loss": float(loss), "test/acc": correct.float().mean().item()}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -101,11 +84,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     trainer.run(args.epochs)  # train + validate every epoch, until early stopping or the last epoch
 
-    if args.test_weights == "best":
-        trainer.apply_weights("best")  # the epoch with the lowest validation loss
-    else:
-        trainer.apply_weights("latest")  # the final epoch's weights
-    test = evaluate(trainer, trainer.loaders["test"])
+    # the test split, once: with the best epoch's weights (from the checkpoint) or the final ones.
+    # test() changes nothing of the run (history, progress, summary, and the weights it loaded).
+    test = trainer.test(weights=args.test_weights)
     epochs_run = len(trainer.history)
     print(
         f"{args.task}: {epochs_run} epoch(s){' (stopped early: ' + trainer.stop_reason + ')' if trainer.stop_reason else ''}; "
