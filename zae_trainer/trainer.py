@@ -50,6 +50,7 @@ from .display import ProgressDisplay, RunSummary
 from .errors import NonFiniteLossError, SkipStep, TrainerConfigError, TrainingTerminated
 from .events import Event
 from .metrics import MetricAccumulator
+from .optimizers import SchedulerGroup, check_several_losses, optimizer_dict, parameters_of, scheduler_or_group
 from .progress import ProgressChecker
 from .seed import current_seed
 from .signals import StopSignals
@@ -107,11 +108,14 @@ class Trainer(metaclass=TrainerMeta):
     mode : {"train", "test"}
         The run kind, fixed for the trainer's life (read it as ``trainer.run_kind``):
         ``"train"`` trains and validates; ``"test"`` makes ``run`` evaluate only.
-    optimizer : torch.optim.Optimizer or None
-        Must hold (some of) the model's parameters. Required when training.
-    scheduler : LR scheduler or None
+    optimizer : torch.optim.Optimizer, mapping of str to Optimizer, or None
+        Must hold (some of) the model's parameters. Required when training. A dict of
+        several (``{"generator": ..., "discriminator": ...}``) makes ``train_step`` return
+        one loss per optimizer (see :mod:`zae_trainer.optimizers`).
+    scheduler : LR scheduler, mapping of str to scheduler, or None
         Stepped per epoch, or per optimizer step with ``scheduler_step_on_batch=True``.
-        ``ReduceLROnPlateau`` is stepped with the monitored metric.
+        ``ReduceLROnPlateau`` is stepped with the monitored metric. A dict of several
+        (an LR and a momentum schedule, one per optimizer) steps them all together.
     log_bar : bool
         Progress bar on an interactive stderr, one line per epoch otherwise.
     scheduler_step_on_batch : bool
@@ -174,7 +178,7 @@ class Trainer(metaclass=TrainerMeta):
         model: nn.Module,
         device: DeviceLike = None,
         mode: RunKind = "train",
-        optimizer: torch.optim.Optimizer | None = None,
+        optimizer: torch.optim.Optimizer | Mapping[str, torch.optim.Optimizer] | None = None,
         scheduler: Any = None,
         *,
         log_bar: bool = True,
@@ -199,8 +203,14 @@ class Trainer(metaclass=TrainerMeta):
         self._run_kind: RunKind = check_run_kind(mode)
         self._phase: Phase = "train" if mode == "train" else "test"
         self.model = model.to(self.device)
-        self.optimizer = optimizer
-        self.scheduler = scheduler
+        # Several optimizers: {name: optimizer}, else None (the single-optimizer loop).
+        self._optimizers = optimizer_dict(optimizer)
+        if isinstance(optimizer, Mapping):
+            optimizer = next(iter(optimizer.values()))
+        self.optimizer: torch.optim.Optimizer | None = optimizer
+        self.scheduler = scheduler_or_group(scheduler)
+        #: The name of the optimizer stepping now (several optimizers only), else None.
+        self.stepping: str | None = None
         self.log_bar = log_bar
         self.scheduler_step_on_batch = scheduler_step_on_batch
         self.log_every_n_steps = positive_int("log_every_n_steps", log_every_n_steps)
@@ -220,7 +230,16 @@ class Trainer(metaclass=TrainerMeta):
         if "seed" not in self.config and (seeded := current_seed()) is not None:
             for key, value in seeded.as_config().items():  # recorded with the run by the loggers
                 self.config.setdefault(key, value)
-        check_optimizer(self.model, optimizer, mode)
+        for each in (self._optimizers or {None: optimizer}).values():
+            check_optimizer(self.model, each, mode)
+        if self._optimizers is not None:  # bound once: the single-optimizer loop pays nothing for this
+            self._forward_backward = self._forward_backward_several  # type: ignore[method-assign]
+            self._optimizer_phase = self._optimizer_phase_several  # type: ignore[method-assign]
+            self._losses_pending: set[str] = set()
+            self._others: dict[str, list[torch.Tensor]] = {
+                name: [p for other, opt in self._optimizers.items() if other != name for p in parameters_of(opt)]
+                for name in self._optimizers
+            }
 
         self.progress_checker = ProgressChecker()
         self._accumulators = {p: MetricAccumulator(p) for p in ("train", "valid", "test")}
@@ -525,6 +544,12 @@ class Trainer(metaclass=TrainerMeta):
             raise TrainerConfigError("run() needs n_epoch, max_steps or both, e.g. run(10, loader) or "
                                      "run(None, loader, max_steps=1000)")
         check_run_arguments(1 if n_epoch is None else n_epoch, loader, valid_loader, self.devices, self.world_size)
+        if self._optimizers is not None and (self.world_size > 1 or _has_addon(self, "accelerate")):
+            raise TrainerConfigError(
+                f"several optimizers ({sorted(self._optimizers)}) have not been run with a multi-process strategy "
+                "(DDP, FSDP, Accelerate), so this is refused. To fix, train in one process, or combine the losses "
+                "into one optimizer's loss."
+            )
         pc = self.progress_checker
         training = self._run_kind == "train"
         self.loader = self.prepare_loader(loader, train=training)
@@ -543,6 +568,8 @@ class Trainer(metaclass=TrainerMeta):
             try:
                 self.model = self.wrap_model(self.model)
                 self.zero_grad()  # gradients left from before run() must not leak into step 1
+                for optimizer in (self._optimizers or {}).values():
+                    optimizer.zero_grad(set_to_none=True)
                 self.emit(Event.RUN_BEGIN)
                 self._display.start(self._target_epoch, pc.epoch)
                 if training:
@@ -752,6 +779,76 @@ class Trainer(metaclass=TrainerMeta):
         if self._epoch_batches is None and self.progress_checker.batch_in_epoch % self.accumulate_grad_batches:
             self._optimizer_phase()
 
+    # -- several optimizers (see zae_trainer.optimizers): bound in place of the two above ----
+    def _forward_backward_several(self, batch: Any) -> Mapping[str, Any]:
+        context = self.autocast()
+        if context is _NO_CONTEXT:
+            outputs = self.train_step(batch)
+        else:
+            with context:
+                outputs = self.train_step(batch)
+        assert self._optimizers is not None
+        losses = check_several_losses(outputs, self._optimizers, self.progress_checker.step + 1)
+        if self._fire_before_backward is not None:
+            self._fire_before_backward()
+        for name, loss in losses.items():
+            if self.accumulate_grad_batches > 1:
+                loss = loss / self.accumulate_grad_batches
+            # This loss's gradients go to its own optimizer's parameters only: the others'
+            # gradients are set aside during its backward and put back after it.
+            others = self._others[name]
+            kept = [p.grad for p in others]
+            for p in others:
+                p.grad = None
+            self.backward(loss)
+            for p, grad in zip(others, kept):
+                p.grad = grad
+            self._losses_pending.add(name)
+        if self._fire_after_backward is not None:
+            self._fire_after_backward()
+        recorded = {k: v for k, v in outputs.items() if k != "loss"}
+        recorded.update({f"loss/{name}": loss.detach() for name, loss in losses.items()})
+        return recorded
+
+    def _optimizer_phase_several(self) -> None:
+        pc = self.progress_checker
+        assert self._optimizers is not None
+        first = self.optimizer
+        stepped: list[tuple[str, torch.optim.Optimizer]] = []
+        try:
+            for name, optimizer in self._optimizers.items():
+                if name not in self._losses_pending:
+                    continue
+                self.optimizer, self.stepping = optimizer, name
+                try:
+                    if self._fire_before_step is not None:
+                        self._fire_before_step()
+                    self.optimizer_step()
+                    stepped.append((name, optimizer))
+                except SkipStep:
+                    pc.skipped_steps += 1  # one per skipped optimizer update
+            pc.step += 1
+            for name, optimizer in stepped:
+                self.optimizer, self.stepping = optimizer, name
+                if self._fire_after_step is not None:
+                    self._fire_after_step()
+        finally:
+            self.optimizer, self.stepping = first, None
+            self._losses_pending.clear()
+        if stepped and self.scheduler is not None and self.scheduler_step_on_batch:
+            self.scheduler.step(**self._step_kwargs)
+        for optimizer in self._optimizers.values():
+            optimizer.zero_grad(set_to_none=True)
+        self.zero_grad()
+
+    @property
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """The trainer's optimizers by name: the dict given as ``optimizer=``, or
+        ``{"optimizer": optimizer}`` with one (empty without any)."""
+        if self._optimizers is not None:
+            return dict(self._optimizers)
+        return {} if self.optimizer is None else {"optimizer": self.optimizer}
+
     def _eval_batch(self, batch: Any) -> None:
         batch = move_to_device(batch, self.device, self.non_blocking)
         with torch.no_grad():
@@ -831,7 +928,9 @@ class Trainer(metaclass=TrainerMeta):
     def _step_scheduler_per_epoch(self) -> None:
         if self.scheduler is None or self.scheduler_step_on_batch:
             return
-        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) or (
+            isinstance(self.scheduler, SchedulerGroup) and self.scheduler.needs_metric
+        ):
             value = self.monitored_value()
             if value is None:
                 raise TrainerConfigError(
@@ -994,6 +1093,7 @@ class Trainer(metaclass=TrainerMeta):
         return {
             "model": self.raw_model.state_dict(),
             "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+            **self._other_optimizer_states(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "progress": self.progress_checker.state_dict(),
             "history": [dict(h) for h in self.history],
@@ -1008,6 +1108,8 @@ class Trainer(metaclass=TrainerMeta):
         self.raw_model.load_state_dict(state["model"], strict=strict)
         if self.optimizer is not None and state.get("optimizer") is not None:
             self.optimizer.load_state_dict(state["optimizer"])
+        if self._optimizers is not None:
+            self._load_other_optimizers(state.get("optimizers"))
         if self.scheduler is not None and state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         self.progress_checker.load_state_dict(state["progress"])
@@ -1020,6 +1122,26 @@ class Trainer(metaclass=TrainerMeta):
         for addon in self.addon_instances:
             if addon.name in saved:
                 addon.load_state_dict(saved[addon.name])
+
+    def _other_optimizer_states(self) -> dict[str, Any]:
+        """``{"optimizers": {name: state}}`` for every optimizer after the first (several only)."""
+        if self._optimizers is None:
+            return {}
+        names = list(self._optimizers)[1:]
+        return {"optimizers": {name: self._optimizers[name].state_dict() for name in names}}
+
+    def _load_other_optimizers(self, saved: Any) -> None:
+        assert self._optimizers is not None
+        expected = list(self._optimizers)[1:]
+        missing = [name for name in expected if not isinstance(saved, Mapping) or name not in saved]
+        if missing:
+            found = sorted(saved) if isinstance(saved, Mapping) else None
+            raise KeyError(
+                f"the checkpoint holds no state for optimizer(s) {missing} (it has {found}). To fix, resume with the "
+                "optimizer names of the run that wrote it, or load only the weights (apply_weights)."
+            )
+        for name in expected:
+            self._optimizers[name].load_state_dict(saved[name])
 
     def __repr__(self) -> str:
         return (
@@ -1055,6 +1177,10 @@ def _addon_keywords(cls: type) -> frozenset[str]:
     names = frozenset(n for s in specs for n in s.cls.settings()) - frozenset(_CORE_SETTINGS)
     type.__setattr__(cls, "_zt_addon_keywords", names)
     return names
+
+
+def _has_addon(trainer: Trainer, name: str) -> bool:
+    return any(a.name == name for a in trainer.addon_instances)
 
 
 def _named_parameters(init: Callable[..., Any]) -> frozenset[str]:

@@ -11,6 +11,9 @@ Per step it costs what a hand-written loop pays for the same work: one
 list gathered once per run, and keeping a reference to the norm. The latest norm is also
 kept as ``last_norm`` (``(step, tensor)``), so the non-finite guard checks it instead of
 computing the norm a second time.
+
+With several optimizers (:mod:`zae_trainer.optimizers`) each optimizer's step clips that
+optimizer's parameters only, and records ``train/grad_norm/<optimizer name>``.
 """
 
 from __future__ import annotations
@@ -82,14 +85,21 @@ class GradientClippingAddon(AddOn):
         self.record_norm = bool(record_norm)
         self.last_norm: tuple[int, torch.Tensor] | None = None  # (1-based step, total norm before clipping)
         self._params: list[torch.nn.Parameter] = []
+        self._by_optimizer: dict[str, list[torch.Tensor]] | None = None  # several optimizers: each one's params
 
     def on_run_begin(self, trainer: Any) -> None:
         # Gathered once per run, after any wrapping (DDP): clip_grad_norm_ skips parameters
         # without gradients itself, so the list need not change from step to step.
         self._params = list(trainer.model.parameters())
+        optimizers = trainer.optimizers
+        # Several optimizers: each step clips the parameters of the optimizer stepping (trainer.stepping).
+        self._by_optimizer = None if len(optimizers) < 2 else {
+            name: [p for group in opt.param_groups for p in group["params"]] for name, opt in optimizers.items()
+        }
 
     def on_before_optimizer_step(self, trainer: Any) -> None:
-        params = self._params
+        by_optimizer = self._by_optimizer
+        params = self._params if by_optimizer is None else by_optimizer[trainer.stepping]
         if self.max_norm is not None:
             total = torch.nn.utils.clip_grad_norm_(
                 params, self.max_norm, self.norm_type, self.error_if_nonfinite, self.foreach
@@ -107,8 +117,8 @@ class GradientClippingAddon(AddOn):
             if hasattr(total, "full_tensor"):  # FSDP: a DTensor holding the global norm; keep a plain tensor
                 total = total.full_tensor()
             self.last_norm = (trainer.progress_checker.step + 1, total)
-            if self.record_norm:
-                trainer.record_metric("grad_norm", total)  # computed under no_grad: no detach needed
+            if self.record_norm:  # computed under no_grad: no detach needed
+                trainer.record_metric("grad_norm" if by_optimizer is None else f"grad_norm/{trainer.stepping}", total)
 
     @property
     def computes_norm(self) -> bool:

@@ -218,6 +218,11 @@ class PrecisionMixerAddon(AddOn):
         self.resolved = resolve_precision(self.precision, trainer.device)
         self.dtype = _DTYPES.get(self.resolved)
         if self.resolved == "fp16":
+            if len(getattr(trainer, "optimizers", ())) > 1:
+                raise TrainerConfigError(
+                    f"fp16 loss scaling with several optimizers ({sorted(trainer.optimizers)}) has not been run, so it "
+                    "is refused. To fix, use precision='bf16' (no loss scaling), or one optimizer."
+                )
             self.scaler = torch.amp.GradScaler(
                 trainer.device.type, init_scale=self.init_scale, growth_interval=self.growth_interval
             )

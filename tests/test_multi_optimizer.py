@@ -1,0 +1,142 @@
+"""Several optimizers and schedulers on one trainer: a tiny GAN (examples/gan_two_optimizers.py)."""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from zae_trainer.addons import GradientClippingAddon, PrecisionMixerAddon
+from zae_trainer.addons.checkpoint import read_checkpoint
+from zae_trainer.errors import StepOutputError, TrainerConfigError
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "gan_two_optimizers.py"
+
+
+@pytest.fixture(scope="module")
+def gan() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("gan_two_optimizers", EXAMPLE)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gan_two_optimizers"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def params(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_the_example_gan_trains(gan: ModuleType) -> None:
+    trainer = gan.main([])
+    history = trainer.history
+    assert len(history) == 3
+    assert set(history[0]) == {"train/loss/discriminator", "train/loss/generator", "valid/loss"}
+    assert history[-1]["valid/loss"] < history[0]["valid/loss"] / 4  # the generated mean moved to the target
+    # both schedulers stepped once per epoch
+    assert trainer.optimizers["discriminator"].param_groups[0]["lr"] == pytest.approx(0.05 * 0.5)
+    assert trainer.optimizers["generator"].param_groups[0]["lr"] == pytest.approx(0.01 * 0.9**3)
+    assert trainer.optimizer is trainer.optimizers["discriminator"] and trainer.stepping is None
+
+
+def test_each_loss_steps_only_its_own_optimizers_parameters(gan: ModuleType) -> None:
+    trainer = gan.make_trainer()
+    (batch,) = [next(iter(gan.data()))]
+    before = params(trainer.model)
+
+    # the same step by hand: each optimizer's gradients come from its own loss only
+    reference = gan.make_trainer()
+    torch.manual_seed(123)
+    losses = reference.train_step(batch)["loss"]
+    disc, gen = reference.model["discriminator"], reference.model["generator"]
+    d_grads = torch.autograd.grad(losses["discriminator"], list(disc.parameters()), retain_graph=True)
+    g_grads = torch.autograd.grad(losses["generator"], list(gen.parameters()))
+    for p, g in zip(disc.parameters(), d_grads):
+        p.grad = g
+    for p, g in zip(gen.parameters(), g_grads):
+        p.grad = g
+    reference.optimizers["discriminator"].step()
+    reference.optimizers["generator"].step()
+
+    torch.manual_seed(123)
+    trainer.run(None, [batch], max_steps=1)
+    after = params(trainer.model)
+    expected = params(reference.model)
+    assert trainer.progress_checker.step == 1
+    for key in before:
+        assert not torch.equal(after[key], before[key]), key  # both networks moved
+        torch.testing.assert_close(after[key], expected[key], rtol=0, atol=1e-7)
+    assert all(p.grad is None for p in trainer.model.parameters())  # zeroed after the steps
+
+
+def test_a_checkpoint_holds_both_optimizers_and_resume_is_bit_identical(gan: ModuleType, tmp_path: Any) -> None:
+    straight = gan.make_trainer(str(tmp_path / "straight"))
+    straight.run(3, gan.data())
+
+    first = gan.make_trainer(str(tmp_path / "resumed"))
+    first.run(1, gan.data())
+    files = sorted(glob.glob(str(tmp_path / "resumed" / "*.ckpt")))
+    assert files, os.listdir(tmp_path / "resumed")
+    checkpoint = read_checkpoint(files[-1])
+    assert checkpoint["optimizer"]["state"]  # the first optimizer (discriminator, SGD momentum buffers)
+    assert "momentum_buffer" in checkpoint["optimizer"]["state"][0]
+    generator_state = checkpoint["optimizers"]["generator"]["state"]
+    assert {"exp_avg", "exp_avg_sq"} <= set(generator_state[0])  # the generator's Adam moments
+    assert set(checkpoint["scheduler"]) == {"discriminator", "generator"}
+
+    resumed = gan.make_trainer(str(tmp_path / "resumed"), resume="latest")
+    resumed.run(3, gan.data())
+    assert resumed.progress_checker.epoch == 3
+    for key, value in params(straight.model).items():
+        assert torch.equal(value, resumed.model.state_dict()[key]), key
+    for name in ("discriminator", "generator"):
+        a, b = straight.optimizers[name].state_dict(), resumed.optimizers[name].state_dict()
+        assert a["param_groups"] == b["param_groups"]
+        for index, state in a["state"].items():
+            for k, v in state.items():
+                assert torch.equal(torch.as_tensor(v), torch.as_tensor(b["state"][index][k])), (name, k)
+
+
+def test_clipping_applies_to_each_optimizers_parameters(gan: ModuleType) -> None:
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"generator": nn.Linear(2, 2), "discriminator": nn.Linear(2, 1)})
+    optimizers = {  # plain SGD, lr 1: each update is minus that optimizer's clipped gradient
+        "discriminator": torch.optim.SGD(model["discriminator"].parameters(), lr=1.0),
+        "generator": torch.optim.SGD(model["generator"].parameters(), lr=1.0),
+    }
+    built = gan.GanTrainer.add_on(GradientClippingAddon(max_norm=1e-3))
+    trainer = built(model, "cpu", "train", optimizers, log_bar=False, log_every_n_steps=1)
+    before = {name: params(model[name]) for name in optimizers}
+    trainer.run(None, [next(iter(gan.data()))], max_steps=1)
+    for name in optimizers:
+        moved = torch.cat([(v - before[name][k]).flatten() for k, v in model[name].state_dict().items()])
+        # each optimizer's own gradients were clipped to norm 1e-3 (one joint clip would give each less)
+        assert float(moved.norm()) == pytest.approx(1e-3, rel=1e-4), name
+    norms = trainer.history[-1]
+    assert norms["train/grad_norm/discriminator"] > 1e-3 and norms["train/grad_norm/generator"] > 1e-3
+
+
+def test_wrong_loss_names_and_fp16_are_refused(gan: ModuleType) -> None:
+    trainer = gan.make_trainer()
+
+    class Misnamed(gan.GanTrainer):  # type: ignore[name-defined, misc]
+        def train_step(self, batch: Any) -> dict[str, Any]:
+            return {"loss": {"generatr": super().train_step(batch)["loss"]["generator"]}}
+
+    model, opts = trainer.model, trainer.optimizers
+    misnamed = Misnamed(model, "cpu", "train", opts, log_bar=False)
+    with pytest.raises(StepOutputError, match="'generatr'.*name no optimizer"):
+        misnamed.run(1, gan.data())
+    with pytest.raises(TrainerConfigError, match="fp16 loss scaling with several optimizers"):
+        gan.GanTrainer.add_on(PrecisionMixerAddon(precision="fp16"))(model, "cpu", "train", opts, log_bar=False)
+    with pytest.raises(ValueError, match="held by both optimizer"):
+        gan.GanTrainer(model, "cpu", "train", {"a": opts["generator"], "b": torch.optim.SGD(
+            model["generator"].parameters(), lr=0.1)}, log_bar=False)
