@@ -48,9 +48,12 @@ def _finish(procs: list[Any], seconds: float) -> list[tuple[int, str]]:
 
 
 @pytest.mark.timeout(240)
-def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tmp_path) -> None:
+@pytest.mark.parametrize("mode", ["stop", "stop-accelerate"])
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tmp_path, mode: str) -> None:
+    if mode == "stop-accelerate":
+        pytest.importorskip("accelerate")
     out = str(tmp_path)
-    procs = start_ranks("stop", out, env_of_rank={r: {"COLLECTIVE_TIMEOUT": "300"} for r in (0, 1)})
+    procs = start_ranks(mode, out, env_of_rank={r: {"COLLECTIVE_TIMEOUT": "300"} for r in (0, 1)})
     try:
         _wait_for([os.path.join(out, f"ready-rank{r}") for r in (0, 1)], procs, 150)
         signalled = time.monotonic()

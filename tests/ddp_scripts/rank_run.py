@@ -5,6 +5,7 @@ Modes
 -----
 stop    trains slowly for a long time with a state manager and handled signals, so that the
         test can SIGTERM one rank; writes ``ready-rank<r>`` once past batch 3.
+stop-accelerate   the same through AccelerateAddon.
 resume  resumes from the checkpoint named by ``RESUME_<rank>`` (ranks may be given different ones).
 plain   trains 2 epochs and reports its parameters.
 
@@ -58,6 +59,14 @@ def main(mode: str, out_dir: str) -> None:
                 MultiGPUAddon, StateManagerAddon, SlowAndWatched, out_dir=out_dir, save_path=os.path.join(out_dir, "ckpt"),
                 handle_signals=True, collective_timeout=float(os.environ.get("COLLECTIVE_TIMEOUT", "300")),
                 log_every_n_steps=1000,
+            )
+            trainer.run(1, loader(8000, batch_size=2))
+        elif mode == "stop-accelerate":
+            from zae_trainer.addons.accelerate import AccelerateAddon
+
+            trainer = ddp_trainer(
+                AccelerateAddon, StateManagerAddon, SlowAndWatched, out_dir=out_dir,
+                save_path=os.path.join(out_dir, "ckpt"), handle_signals=True, log_every_n_steps=1000,
             )
             trainer.run(1, loader(8000, batch_size=2))
         elif mode == "resume":

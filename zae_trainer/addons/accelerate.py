@@ -32,7 +32,9 @@ What goes through the ``Accelerator``:
   accumulation (the core's ``accumulate_grad_batches``; Accelerate's own is left at 1);
 * before each optimizer step, scaled gradients are unscaled, so clipping sees true values;
 * ``is_main_process``, ``world_size``, ``all_reduce_sums`` — from the ``Accelerator``;
-* ``unwrap_model`` — ``accelerator.unwrap_model``: checkpoints hold the plain model.
+* ``unwrap_model`` — ``accelerator.unwrap_model``: checkpoints hold the plain model;
+* ``agree_to_stop`` — with several processes, a signal is agreed across ranks at the next
+  batch boundary, as under ``MultiGPUAddon`` (:mod:`~zae_trainer.addons.distributed.stop`).
 
 Mixed precision is Accelerate's job here, so this add-on conflicts with ``precision_mixer``;
 it also conflicts with ``multi_gpu`` (Accelerate does the distribution). The process group
@@ -49,6 +51,7 @@ from torch import nn
 
 from ..addon import AddOn
 from .distributed.sampler import distribute_loader, distributed_sampler_of
+from .distributed.stop import StopAgreement, agree_in_phase
 
 __all__ = ["AccelerateAddon"]
 
@@ -83,6 +86,11 @@ class _AccelerateStrategy:
     def all_reduce_sums(self, values: list[float]) -> list[float]:
         values = super().all_reduce_sums(values)  # type: ignore[misc]
         return self.addon_of(AccelerateAddon).reduce_sums(values)  # type: ignore[attr-defined,no-any-return]
+
+    def agree_to_stop(self, pending: int | None, *, phase_end: bool = False) -> int | None:
+        pending = super().agree_to_stop(pending, phase_end=phase_end)  # type: ignore[misc]
+        addon = self.addon_of(AccelerateAddon)  # type: ignore[attr-defined]
+        return agree_in_phase(addon.stop_agreement, self.phase, pending, phase_end)  # type: ignore[attr-defined]
 
     @property
     def is_main_process(self) -> bool:
@@ -190,6 +198,8 @@ class AccelerateAddon(AddOn):
         self.accelerator_kwargs = dict(accelerator_kwargs or {})
         self.accelerator: Any = None
         self._prepared: nn.Module | None = None
+        self._side_group: Any = None  # gloo group of the stop agreement, for the process's life
+        self.stop_agreement: StopAgreement | None = None
 
     def setup(self, trainer: Any) -> None:
         try:
@@ -259,6 +269,18 @@ class AccelerateAddon(AddOn):
             return values
         summed = accelerator.reduce(torch.tensor(values, dtype=torch.float64, device=device), reduction="sum")
         return [float(v) for v in summed.tolist()]
+
+    def on_run_begin(self, trainer: Any) -> None:
+        # Ranks stop for a signal at the same batch boundary, as under MultiGPUAddon.
+        if self.accelerator.num_processes > 1 and torch.distributed.is_initialized():
+            if self._side_group is None:
+                self._side_group = torch.distributed.new_group(backend="gloo")
+            self.stop_agreement = StopAgreement(self._side_group)
+
+    def on_run_end(self, trainer: Any) -> None:
+        if self.stop_agreement is not None and trainer.summary.status in ("failed", "interrupted"):
+            self.stop_agreement.abandon()
+        self.stop_agreement = None
 
     def on_epoch_begin(self, trainer: Any) -> None:
         for loader in (trainer.loader, trainer.valid_loader):

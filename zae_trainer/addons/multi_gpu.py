@@ -62,7 +62,7 @@ from .distributed.env import (
 )
 from .distributed.sampler import distribute_loader, distributed_sampler_of
 from .distributed.spawn import DistributedWorkerError, SpawnPlan, launch
-from .distributed.stop import StopAgreement, check_same_position
+from .distributed.stop import StopAgreement, agree_in_phase, check_same_position
 
 __all__ = ["MultiGPUAddon", "DistributedWorkerError"]
 
@@ -342,14 +342,7 @@ class MultiGPUAddon(AddOn):
         Training batches agree one batch behind without blocking; other phases defer a
         signal to their end, where the ranks agree once, blocking.
         """
-        agreement = self._stop_agreement
-        if agreement is None:
-            return pending
-        if phase_end:
-            return agreement.at_phase_end(pending)
-        if self.trainer.phase != "train":
-            return None  # ranks may hold different numbers of evaluation batches: agree at the phase end
-        return agreement.at_batch(pending)
+        return agree_in_phase(self._stop_agreement, self.trainer.phase, pending, phase_end)
 
     def wrap(self, model: nn.Module) -> nn.Module:
         """``DistributedDataParallel(model)`` in a process group, when training."""

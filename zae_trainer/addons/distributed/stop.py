@@ -45,7 +45,7 @@ import torch.distributed as dist
 
 from ...errors import TrainerConfigError
 
-__all__ = ["StopAgreement", "check_same_position"]
+__all__ = ["StopAgreement", "agree_in_phase", "check_same_position"]
 
 
 class StopAgreement:
@@ -105,6 +105,18 @@ class StopAgreement:
         work.wait()
         signum = int(buffer[0])  # a CPU tensor: no device synchronisation
         return signum or None
+
+
+def agree_in_phase(agreement: StopAgreement | None, phase: str, pending: int | None, phase_end: bool) -> int | None:
+    """What a strategy's ``agree_to_stop`` returns: ``pending`` with no agreement (one process),
+    else per training batch one batch behind, in other phases once at their end."""
+    if agreement is None:
+        return pending
+    if phase_end:
+        return agreement.at_phase_end(pending)
+    if phase != "train":
+        return None  # ranks may hold different numbers of evaluation batches: agree at the phase end
+    return agreement.at_batch(pending)
 
 
 def check_same_position(group: Any, position: Sequence[int], what: str = "(epoch, batch in epoch, step)") -> None:
