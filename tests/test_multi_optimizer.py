@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import math
 import importlib.util
 import os
 import sys
@@ -14,9 +15,9 @@ import pytest
 import torch
 from torch import nn
 
-from zae_trainer.addons import GradientClippingAddon, PrecisionMixerAddon
+from zae_trainer.addons import GradientClippingAddon, NonFiniteGuardAddon, PrecisionMixerAddon
 from zae_trainer.addons.checkpoint import read_checkpoint
-from zae_trainer.errors import StepOutputError, TrainerConfigError
+from zae_trainer.errors import NonFiniteLossError, StepOutputError, TrainerConfigError
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "gan_two_optimizers.py"
 
@@ -39,7 +40,10 @@ def test_the_example_gan_trains(gan: ModuleType) -> None:
     trainer = gan.main([])
     history = trainer.history
     assert len(history) == 3
-    assert set(history[0]) == {"train/loss/discriminator", "train/loss/generator", "valid/loss"}
+    assert set(history[0]) == {"train/loss", "train/loss/discriminator", "train/loss/generator", "valid/loss"}
+    assert history[0]["train/loss"] == pytest.approx(
+        history[0]["train/loss/discriminator"] + history[0]["train/loss/generator"], rel=1e-6
+    )
     assert history[-1]["valid/loss"] < history[0]["valid/loss"] / 4  # the generated mean moved to the target
     # both schedulers stepped once per epoch
     assert trainer.optimizers["discriminator"].param_groups[0]["lr"] == pytest.approx(0.05 * 0.5)
@@ -140,3 +144,22 @@ def test_wrong_loss_names_and_fp16_are_refused(gan: ModuleType) -> None:
     with pytest.raises(ValueError, match="held by both optimizer"):
         gan.GanTrainer(model, "cpu", "train", {"a": opts["generator"], "b": torch.optim.SGD(
             model["generator"].parameters(), lr=0.1)}, log_bar=False)
+
+
+def test_a_non_finite_loss_of_one_optimizer_skips_the_step_for_both(gan: ModuleType) -> None:
+    class Poisoned(gan.GanTrainer):  # type: ignore[name-defined, misc]
+        def train_step(self, batch: Any) -> dict[str, Any]:
+            losses = super().train_step(batch)["loss"]
+            return {"loss": {"discriminator": losses["discriminator"], "generator": losses["generator"] * math.nan}}
+
+    template = gan.make_trainer()
+    model, opts = template.model, template.optimizers
+    before = params(model)
+    skipping = Poisoned.add_on(NonFiniteGuardAddon(policy="skip"))(model, "cpu", "train", opts, log_bar=False)
+    skipping.run(None, [next(iter(gan.data()))], max_steps=1)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # neither network moved
+    assert skipping.progress_checker.skipped_steps == 2 and skipping.get_addon("nonfinite_guard").skipped == 1
+
+    plain = Poisoned(model, "cpu", "train", opts, log_bar=False)  # the core's own check reads train/loss
+    with pytest.raises(NonFiniteLossError):
+        plain.run(1, gan.data())

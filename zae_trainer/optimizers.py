@@ -4,7 +4,8 @@
 
 * ``train_step`` returns one loss per optimizer, ``{"loss": {"generator": g_loss,
   "discriminator": d_loss}, ...}``; a name left out this batch steps nothing this batch (train
-  the discriminator every other step, say). Each loss's gradients reach **only its own
+  the discriminator every other step, say). They are logged as ``train/loss/<name>``, and
+  ``train/loss`` is their sum (the core's NaN/Inf check and the default monitor read it). Each loss's gradients reach **only its own
   optimizer's parameters**: the loop runs the losses' backwards in the order of the optimizer
   dict and, around each one, keeps the other optimizers' gradients as they were, so a
   generator loss that flows through the discriminator leaves the discriminator's gradients
@@ -14,7 +15,8 @@
 * Then each optimizer with a loss steps in turn. While one steps, ``trainer.optimizer`` **is
   that optimizer** and ``trainer.stepping`` its name, and ``BEFORE_OPTIMIZER_STEP`` /
   ``AFTER_OPTIMIZER_STEP`` fire once for it, so add-ons apply per optimizer: clipping clips
-  that optimizer's parameters, a ``SkipStep`` skips that optimizer only. ``progress_checker.step``
+  that optimizer's parameters. ``NonFiniteGuardAddon`` checks all the step's losses and
+  gradients at the first optimizer's step, and a step it skips is skipped for every optimizer. ``progress_checker.step``
   counts loop steps (one per batch group, whatever the number of optimizers). Outside the
   step ``trainer.optimizer`` is the first optimizer of the dict.
 * A scheduler dict is a :class:`SchedulerGroup`: all of them step together, at the point the

@@ -807,7 +807,10 @@ class Trainer(metaclass=TrainerMeta):
         if self._fire_after_backward is not None:
             self._fire_after_backward()
         recorded = {k: v for k, v in outputs.items() if k != "loss"}
-        recorded.update({f"loss/{name}": loss.detach() for name, loss in losses.items()})
+        detached = [loss.detach() for loss in losses.values()]
+        # "loss" is their sum: the core's NaN/Inf check and the default monitor read it
+        recorded["loss"] = detached[0] if len(detached) == 1 else torch.stack([d.reshape(()) for d in detached]).sum()
+        recorded.update({f"loss/{name}": value for name, value in zip(losses, detached)})
         return recorded
 
     def _optimizer_phase_several(self) -> None:

@@ -108,6 +108,7 @@ class NonFiniteGuardAddon(AddOn):
         self._awaiting: tuple[int, torch.Tensor] | None = None  # loss whose norm the clipper computes
         self._clipper: Any = None
         self._save_after_batch = False
+        self._skipping: tuple[int, str] | None = None  # (step, reason) of the step being skipped
         self._norm_checked = self.check_grads
         self._zero = torch.zeros(())
 
@@ -126,7 +127,10 @@ class NonFiniteGuardAddon(AddOn):
     # -- per optimizer step --------------------------------------------------------------
     def on_before_optimizer_step(self, trainer: Any) -> None:
         losses, self._losses = self._losses, []
-        if not losses:
+        if not losses:  # several optimizers: the first one's hook checked the step for all of them
+            skipping = self._skipping
+            if skipping is not None and skipping[0] == trainer.progress_checker.step + 1:
+                raise SkipStep(skipping[1])
             return
         step = trainer.progress_checker.step + 1
         loss = losses[0] if len(losses) == 1 else torch.stack(losses).sum()  # sum of loss / N: the group mean
@@ -161,6 +165,7 @@ class NonFiniteGuardAddon(AddOn):
         self.skipped += 1
         self.last_bad = (step, loss, norm)
         reason = f"non-finite step {step}: loss={loss}, gradient norm={self._norm_text(norm)}"
+        self._skipping = (step, reason)
         if self.policy == "stop":
             trainer.request_stop(reason)
             self._save_after_batch = True
