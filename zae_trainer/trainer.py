@@ -230,7 +230,8 @@ class Trainer(metaclass=TrainerMeta):
         if "seed" not in self.config and (seeded := current_seed()) is not None:
             for key, value in seeded.as_config().items():  # recorded with the run by the loggers
                 self.config.setdefault(key, value)
-        for each in (self._optimizers or {None: optimizer}).values():
+        checked: list[torch.optim.Optimizer | None] = [*self._optimizers.values()] if self._optimizers else [optimizer]
+        for each in checked:
             check_optimizer(self.model, each, mode)
         if self._optimizers is not None:  # bound once: the single-optimizer loop pays nothing for this
             self._forward_backward = self._forward_backward_several  # type: ignore[method-assign]
