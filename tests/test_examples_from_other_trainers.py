@@ -121,3 +121,8 @@ def test_lernomatic_style(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsy
     assert best is not None and f"step{steps:07d}" in best  # save_best: the stopping epoch is the best
     history = result["autoencoder"].history
     assert history[-1]["valid/loss"] < 0.6 * history[0]["valid/loss"]
+    gan = result["gan"]
+    assert set(gan.history[0]) == {"train/loss", "train/loss/discriminator", "train/loss/generator", "valid/loss"}
+    assert gan.history[-1]["valid/loss"] < gan.history[0]["valid/loss"] / 4  # generated mean moved to the data's
+    assert gan.optimizers["discriminator"].param_groups[0]["lr"] == pytest.approx(0.05 * 0.5)  # its own schedule
+    assert gan.optimizers["generator"].param_groups[0]["lr"] == pytest.approx(0.01 * 0.9**3)

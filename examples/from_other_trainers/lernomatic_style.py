@@ -1,7 +1,7 @@
 """lernomatic-style: a trainer configured by keyword arguments with defaults (``lr``,
 ``momentum``, ``save_every`` iterations, ``save_best``, ``print_every``, ``stop_when_acc``),
 an LR scheduler and a separate momentum scheduler, history saved and loaded, and an
-autoencoder as a subclass of the same trainer.
+autoencoder and a GAN as subclasses of the same trainer (the GAN with two optimizers).
 
 lernomatic put every option in one constructor. Here :func:`make_trainer` maps those keywords
 onto a trainer class and the add-ons that do each job, so each option is one line:
@@ -15,6 +15,8 @@ LR schedule       a ``torch.optim.lr_scheduler`` stepped per batch
 momentum sched.   :class:`MomentumSchedulerAddon` below: an add-on with its own state
 history           ``trainer.history`` (one dict per epoch), in every checkpoint; saved to
                   JSON and loaded back into a fresh trainer with ``load_state``
+GAN               ``optimizer={"generator": ..., "discriminator": ...}``; ``train_step``
+                  returns one loss per optimizer, each steps only its own parameters
 ================  ==================================================================
 
 Run:  python examples/from_other_trainers/lernomatic_style.py [--epochs 6]
@@ -47,8 +49,9 @@ class PrintEveryAddon(AddOn):
     def on_log(self, trainer: Any, metrics: Mapping[str, float]) -> None:
         pc = trainer.progress_checker
         shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-        print(f"[epoch {pc.epoch + 1} step {pc.step}] {shown}  lr {trainer.current_lr():.2e}  "
-              f"momentum {trainer.optimizer.param_groups[0]['momentum']:.3f}")
+        group = trainer.optimizer.param_groups[0]
+        momentum = f"  momentum {group['momentum']:.3f}" if "momentum" in group else ""
+        print(f"[epoch {pc.epoch + 1} step {pc.step}] {shown}  lr {group['lr']:.2e}{momentum}")
 
 
 class MomentumSchedulerAddon(AddOn):
@@ -102,6 +105,26 @@ class AutoencoderTrainer(Classifier):
     def train_step(self, batch: Any) -> dict[str, torch.Tensor]:
         x, _ = batch
         return {"loss": nn.functional.mse_loss(self.model(x), x)}
+
+
+class GANTrainer(Classifier):
+    """The same trainer, subclassed for a GAN: ``model`` holds a generator and a discriminator,
+    and each loss steps its own optimizer. The generator learns to produce the data's points."""
+
+    def train_step(self, batch: Any) -> dict[str, Any]:
+        real, _ = batch
+        gen, disc = self.model["generator"], self.model["discriminator"]
+        fake = gen(torch.randn(len(real), 2, device=real.device))
+        bce = nn.functional.binary_cross_entropy_with_logits
+        ones, zeros = torch.ones(len(real), 1, device=real.device), torch.zeros(len(real), 1, device=real.device)
+        d_loss = bce(disc(real), ones) + bce(disc(fake.detach()), zeros)  # detached: steps D only
+        g_loss = bce(disc(fake), ones)  # through D, but steps G only
+        return {"loss": {"discriminator": d_loss, "generator": g_loss}}
+
+    def test_step(self, batch: Any) -> dict[str, Any]:
+        real, _ = batch
+        fake = self.model["generator"](torch.randn(len(real), 2, device=real.device))
+        return {"loss": (fake.mean(0) - real.mean(0)).pow(2).sum()}  # distance between the means
 
 
 def make_trainer(
@@ -196,7 +219,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ae = make_trainer(AutoencoderTrainer, autoencoder, lr=0.5, print_every=28, total_steps=len(train) * 3)
     ae.run(3, train, valid)
     print(f"autoencoder: reconstruction loss {ae.history[0]['valid/loss']:.4f} -> {ae.history[-1]['valid/loss']:.4f}")
-    return {"trainer": trainer, "fresh": fresh, "autoencoder": ae, "saved_history": saved_history, "out": out}
+
+    # the GAN: two optimizers on one trainer, points of a 2-D Gaussian as the data
+    torch.manual_seed(0)
+    gan_model = nn.ModuleDict({
+        "generator": nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 2)),
+        "discriminator": nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 1)),
+    })
+    points = torch.randn(256, 2, generator=torch.Generator().manual_seed(1)) * 0.5 + torch.tensor([2.0, -1.0])
+    gan_data = TensorDataset(points, torch.zeros(256))
+    optimizers = {
+        "discriminator": torch.optim.SGD(gan_model["discriminator"].parameters(), lr=0.05, momentum=0.5),
+        "generator": torch.optim.Adam(gan_model["generator"].parameters(), lr=0.01, betas=(0.5, 0.999)),
+    }
+    schedulers = {  # one per optimizer, stepped together every epoch
+        "discriminator": torch.optim.lr_scheduler.StepLR(optimizers["discriminator"], step_size=2, gamma=0.5),
+        "generator": torch.optim.lr_scheduler.ExponentialLR(optimizers["generator"], gamma=0.9),
+    }
+    gan = GANTrainer.add_on(PrintEveryAddon())(
+        gan_model, device="cpu", optimizer=optimizers, scheduler=schedulers, log_bar=False, log_every_n_steps=8,
+    )
+    gan.run(3, DataLoader(gan_data, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(1)),
+            DataLoader(gan_data, batch_size=256))
+    print(f"GAN: distance between generated and real means {gan.history[0]['valid/loss']:.4f} -> "
+          f"{gan.history[-1]['valid/loss']:.4f}")
+    return {"trainer": trainer, "fresh": fresh, "autoencoder": ae, "gan": gan, "saved_history": saved_history,
+            "out": out}
 
 
 if __name__ == "__main__":
