@@ -163,3 +163,34 @@ def test_a_non_finite_loss_of_one_optimizer_skips_the_step_for_both(gan: ModuleT
     plain = Poisoned(model, "cpu", "train", opts, log_bar=False)  # the core's own check reads train/loss
     with pytest.raises(NonFiniteLossError):
         plain.run(1, gan.data())
+
+
+def test_a_scheduler_dict_with_one_optimizer_steps_all_of_them_and_resumes(tmp_path: Any) -> None:
+    from core_helpers import TinyTrainer, tiny_loader
+
+    from zae_trainer.addons import StateManagerAddon
+    from zae_trainer.optimizers import SchedulerGroup
+
+    def make(**settings: Any) -> Any:
+        torch.manual_seed(0)
+        model = nn.Linear(3, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        schedulers = {
+            "lr": torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5),
+            "plateau": torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=0, factor=0.1, threshold=10.0),
+        }
+        built = TinyTrainer.add_on(StateManagerAddon)
+        return built(model, "cpu", "train", opt, schedulers, log_bar=False, save_path=str(tmp_path), **settings)
+
+    trainer = make()
+    assert isinstance(trainer.scheduler, SchedulerGroup)
+    trainer.run(2, tiny_loader())
+    # StepLR halves it every epoch; the plateau (threshold 10: nothing counts as better) cuts it tenfold
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * (0.5 * 0.1) ** 2)
+    state = trainer.scheduler.state_dict()
+    assert set(state) == {"lr", "plateau"} and state["lr"]["last_epoch"] == 2
+
+    resumed = make(resume="latest")
+    resumed.run(2, tiny_loader())
+    assert resumed.scheduler.state_dict()["lr"]["last_epoch"] == 2
+    assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(trainer.optimizer.param_groups[0]["lr"])

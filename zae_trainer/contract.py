@@ -88,6 +88,9 @@ class TrainerView(Protocol):
     model: nn.Module
     optimizer: torch.optim.Optimizer | None
     scheduler: Any
+    #: With several optimizers, the name of the one stepping now (inside its
+    #: BEFORE/AFTER_OPTIMIZER_STEP, where ``optimizer`` is that one); None otherwise.
+    stepping: str | None
     device: torch.device
     devices: list[torch.device]
     primary_device_index: int
@@ -98,6 +101,10 @@ class TrainerView(Protocol):
     @property
     def raw_model(self) -> nn.Module:
         """The user's model inside any wrapper: what checkpoints store."""
+
+    @property
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """Every optimizer by name (one: ``{"optimizer": optimizer}``); see :mod:`zae_trainer.optimizers`."""
 
     # -- settings (read-only for add-ons) -----------------------------------------------
     log_every_n_steps: int
