@@ -588,6 +588,7 @@ class Trainer(metaclass=TrainerMeta):
                 self._dispatch.emit_while_failing(Event.EXCEPTION, exc)
                 raise
             finally:
+                self._fire_batch_end = self._fire_addon_batch_end  # no closure (a reference cycle) left behind
                 self._finish_run()
 
     def _run_epoch(self) -> None:
