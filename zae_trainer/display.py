@@ -35,6 +35,9 @@ class RunSummary:
     steps: int = 0
     samples: int = 0
     seconds: float = 0.0
+    #: Training seconds of the whole run, across resumes and run() calls (``seconds`` is this
+    #: run() call's); None before the run ends.
+    run_seconds: float | None = None
     final_metrics: dict[str, float] = field(default_factory=dict)
     monitor: str | None = None
     best_value: float | None = None
@@ -45,7 +48,7 @@ class RunSummary:
     def __str__(self) -> str:
         lines = [
             f"run {self.status}: {self.epochs} epoch(s), {self.steps} step(s), "
-            f"{self.samples} sample(s) in {self.seconds:.1f}s"
+            f"{self.samples} sample(s) in {self._time()}"
         ]
         if self.best_value is not None:
             lines.append(f"  best {self.monitor} = {self.best_value:.6g} (epoch {self.best_epoch})")
@@ -54,6 +57,12 @@ class RunSummary:
         if self.stop_reason:
             lines.append(f"  stopped early: {self.stop_reason}")
         return "\n".join(lines)
+
+    def _time(self) -> str:
+        total = self.run_seconds
+        if total is None or abs(total - self.seconds) < 0.05:
+            return f"{self.seconds:.1f}s"
+        return f"{total:.1f}s ({self.seconds:.1f}s in this run() call)"
 
 
 def in_notebook() -> bool:

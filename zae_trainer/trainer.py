@@ -263,6 +263,8 @@ class Trainer(metaclass=TrainerMeta):
         self._validated_at: int | None = None  # optimizer step of the latest step-driven validation
         self._monitor_checked = monitor is None
         self._started = time.perf_counter()
+        self._seconds_before = 0.0  # training seconds of this run before this run() call (in checkpoints)
+        self._clock_running = False
 
         given = {**self.__dict__.pop("_zt_captured_settings", {}), **addon_settings}
         self._constructor_call: tuple[tuple[Any, ...], dict[str, Any]] | None = self.__dict__.pop(
@@ -563,6 +565,7 @@ class Trainer(metaclass=TrainerMeta):
         self._validated_at = None
         self._fire_batch_end = self._batch_end_caller()
         self._started = time.perf_counter()
+        self._clock_running = True
         self.summary = RunSummary(monitor=self.monitor)
         self._display = ProgressDisplay(self.log_bar and self.is_main_process)
         with StopSignals(self.handle_signals) as self._signals:
@@ -959,6 +962,8 @@ class Trainer(metaclass=TrainerMeta):
         s = self.summary
         s.epochs, s.steps, s.samples = pc.epoch, pc.step, pc.samples
         s.seconds = time.perf_counter() - self._started
+        s.run_seconds = self._seconds_before + s.seconds
+        self._seconds_before, self._clock_running = s.run_seconds, False  # a later run() continues the clock
         s.final_metrics = dict(self.epoch_metrics)
         s.monitor, s.best_value, s.best_epoch = self.best["metric"], self.best["value"], self.best["epoch"]
         s.stop_reason = self.stop_reason
@@ -1079,6 +1084,13 @@ class Trainer(metaclass=TrainerMeta):
             self.model.train(was_training)
         return [move_to_device(r, torch.device("cpu"), False) for r in results]
 
+    @property
+    def run_seconds(self) -> float:
+        """Training seconds of the whole run so far, across resumes (checkpoints carry them) and
+        ``run()`` calls: what the summary prints and the loggers' run clocks agree with."""
+        live = time.perf_counter() - self._started if self._clock_running else 0.0
+        return self._seconds_before + live
+
     def current_lr(self) -> float | None:
         """Learning rate of the first parameter group (None without an optimizer)."""
         return self.optimizer.param_groups[0]["lr"] if self.optimizer is not None else None
@@ -1103,6 +1115,7 @@ class Trainer(metaclass=TrainerMeta):
             "progress": self.progress_checker.state_dict(),
             "history": [dict(h) for h in self.history],
             "best": dict(self.best),
+            "seconds": self.run_seconds,
             "metrics": {phase: acc.state_dict() for phase, acc in self._accumulators.items()},
             "addons": {a.name: a.state_dict() for a in self.addon_instances if a.is_stateful()},
         }
@@ -1121,6 +1134,9 @@ class Trainer(metaclass=TrainerMeta):
         self.history = [dict(h) for h in state.get("history", [])]
         self.epoch_metrics = dict(self.history[-1]) if self.history else {}
         self.best = dict(state.get("best") or self.best)
+        if "seconds" in state:  # the run clock goes on from the checkpoint's total
+            elapsed = time.perf_counter() - self._started if self._clock_running else 0.0
+            self._seconds_before = float(state["seconds"]) - elapsed
         for phase, acc_state in state.get("metrics", {}).items():
             self._accumulators[phase].load_state_dict(acc_state)
         saved = state.get("addons", {})
