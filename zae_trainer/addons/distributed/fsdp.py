@@ -114,7 +114,7 @@ class _ShardedStrategy(_DistributedStrategy):
 
     def no_sync(self) -> ContextManager[Any]:
         outer = super().no_sync()
-        return self.get_addon(FSDPAddon).accumulating(outer)  # type: ignore[attr-defined,no-any-return]
+        return self.addon_of(FSDPAddon).accumulating(outer)  # type: ignore[attr-defined,no-any-return]
 
 
 class FSDPAddon(MultiGPUAddon):
@@ -139,8 +139,10 @@ class FSDPAddon(MultiGPUAddon):
     reshard_between_micro_batches : bool
         Under gradient accumulation, reshard parameters after every micro-batch (least
         memory) instead of keeping them gathered until the group's last micro-batch.
-    world_size, backend, init_method, collective_timeout, sampler_seed, start_method
-        As for :class:`~zae_trainer.addons.multi_gpu.MultiGPUAddon`.
+    world_size, backend, init_method, collective_timeout, sampler_seed, start_method : see MultiGPUAddon
+        As for :class:`~zae_trainer.addons.multi_gpu.MultiGPUAddon`: processes to spawn,
+        ``torch.distributed`` backend, rendezvous address, seconds before a collective fails,
+        shuffling seed of the injected samplers, and how spawned processes start.
 
     Examples
     --------
@@ -201,6 +203,12 @@ class FSDPAddon(MultiGPUAddon):
             )
         if not self.shards(trainer):
             return  # one process: nothing is sharded, every checkpoint format works
+        if trainer.device.type == "cpu" and not hasattr(torch.cpu.Stream, "record_event"):
+            raise TrainerConfigError(  # FSDP2 records events on the CPU stream, which torch < 2.7 lacks
+                f"FSDPAddon on the CPU needs torch 2.7 or newer (torch {torch.__version__} has no "
+                "torch.cpu.Stream.record_event, which FSDP2 calls). To fix, upgrade torch, train on CUDA "
+                "devices, or use MultiGPUAddon (DDP) on the CPU."
+            )
         for addon in trainer.addon_instances:
             fmt = getattr(addon, "save_format", None)
             if addon.name == "state_manager" and fmt not in (None, "dcp"):
