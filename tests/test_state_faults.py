@@ -199,7 +199,7 @@ def test_async_save_writes_the_same_checkpoints(tmp_path):
         one = read_checkpoint(os.path.join(tmp_path / "sync", e["name"]))
         two = read_checkpoint(os.path.join(tmp_path / "async", e["name"]))
         assert torch.equal(one["model"]["weight"], two["model"]["weight"])
-        assert one["progress"] == two["progress"] and one["loss_history"] == two["loss_history"]
+        assert one["progress"] == two["progress"] and one["history"] == two["history"]
 
 
 def test_async_writer_error_surfaces_on_the_training_thread(tmp_path):

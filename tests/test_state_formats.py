@@ -48,15 +48,17 @@ def test_checkpoint_holds_the_documented_schema(tmp_path, fmt):
     trainer.run(2, tiny_loader(), tiny_loader(n=8))
     ckpt = read_checkpoint(os.path.join(tmp_path, manifest(tmp_path)["latest"]))
     assert ckpt["format_version"] == FORMAT_VERSION
-    for key in ("model", "optimizer", "scheduler", "progress", "history", "loss_history", "best", "addons", "rng",
-                "data_position", "config", "model_config", "versions", "saved_at", "training_info"):
+    for key in ("model", "optimizer", "scheduler", "progress", "history", "best", "metrics", "addons", "rng",
+                "data_position", "config", "model_config", "trainer_settings", "versions", "saved_at", "reasons"):
         assert key in ckpt, key
+    for gone in ("loss_history", "training_info"):  # version 1 baggage: per-step losses, repeated progress
+        assert gone not in ckpt, gone
     assert ckpt["progress"]["epoch"] == 2 and ckpt["progress"]["step"] == 6
     assert ckpt["config"] == {"lr": 0.05, "name": "tiny"}
     assert ckpt["model_config"] == {"width": 3}
     assert set(ckpt["rng"]) >= {"python", "numpy", "torch", "cuda"}
     assert ckpt["versions"]["torch"] == torch.__version__
-    assert len(ckpt["loss_history"]["train"]) == 6 and len(ckpt["history"]) == 2
+    assert len(ckpt["history"]) == 2
     for name, value in trainer.raw_model.state_dict().items():
         assert torch.equal(ckpt["model"][name], value)
     saved_opt = ckpt["optimizer"]["state"][0]["exp_avg"]
@@ -222,8 +224,9 @@ def test_top_k_best_and_last_retention(tmp_path):
     assert sorted(kept.values()) == [1.0, 2.0]  # top-2; the latest (2.0) is among them
     assert kept[m["best"]] == 1.0
     assert m["latest"] == m["checkpoints"][-1]["name"] and kept[m["latest"]] == 2.0
-    on_disk = sorted(n for n in os.listdir(tmp_path) if n != "manifest.json")
+    on_disk = sorted(n for n in os.listdir(tmp_path) if n not in ("manifest.json", "best.ckpt", "last.ckpt"))
     assert on_disk == sorted(kept)  # the rest were deleted
+    assert os.readlink(tmp_path / "best.ckpt") == m["best"] and os.readlink(tmp_path / "last.ckpt") == m["latest"]
     best_weights = read_checkpoint(os.path.join(tmp_path, m["best"]))["model"]["weight"]
     assert not torch.equal(trainer.model.weight, best_weights)
     trainer.apply_weights("best")
@@ -232,15 +235,24 @@ def test_top_k_best_and_last_retention(tmp_path):
     assert torch.equal(load_file(str(tmp_path / "serve" / "best.safetensors"))["weight"], best_weights)
 
 
-def test_loss_and_metric_history_come_back(tmp_path):
+def test_metric_history_and_best_come_back(tmp_path):
     trainer = make(tmp_path, log_every_n_steps=1)
     trainer.run(2, tiny_loader(), tiny_loader(n=8))
     fresh = make(tmp_path)
     fresh.load_state("latest")
-    assert fresh.get_loss_history("train") == trainer.get_loss_history("train")
-    assert fresh.get_loss_history("test") == trainer.get_loss_history("test")
     assert fresh.history == trainer.history and fresh.best == trainer.best
     assert fresh.progress_checker == trainer.progress_checker
+
+
+def test_per_step_losses_are_stored_only_when_asked(tmp_path):
+    plain = make(tmp_path / "plain", log_every_n_steps=1)
+    plain.run(1, tiny_loader())
+    assert "loss_history" not in read_checkpoint(plain.save_state())
+    asked = make(tmp_path / "asked", log_every_n_steps=1, save_loss_history=True)
+    asked.run(1, tiny_loader())
+    kept = asked.state_dict().get("loss_history")
+    stored = read_checkpoint(asked.save_state()).get("loss_history")
+    assert stored == kept  # whatever the trainer keeps (None if it keeps no per-step losses)
 
 
 def test_settings_fail_at_construction(tmp_path):

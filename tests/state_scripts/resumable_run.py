@@ -1,7 +1,8 @@
 """A small training run that can be killed and resumed; used by the state-manager tests.
 
 Everything random is in play: a shuffling sampler, dropout, Python's and numpy's RNG
-(each step draws from both), Adam, a step LR scheduler and gradient clipping. Run as a
+(each step draws from both), Adam, a step LR scheduler and gradient clipping. Per-step losses
+are kept by a stateful add-on (:class:`LossRecorder`), so they resume with everything else. Run as a
 script it trains with ``resume="latest"``, prints ``step N`` after every batch (so a
 parent can kill it), and at the end writes the final parameters, optimizer state and
 per-step losses to ``--out`` (a ``torch.save`` file of tensors).
@@ -25,7 +26,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repository root
 
 from zae_trainer import AddOn, Trainer  # noqa: E402
-from zae_trainer.addons import StateManagerAddon  # noqa: E402
+from zae_trainer.addons import GradientClippingAddon, StateManagerAddon  # noqa: E402
 
 EPOCHS = 3
 BATCHES_PER_EPOCH = 9
@@ -55,6 +56,28 @@ class AnnounceSteps(AddOn):
             print(f"step {trainer.progress_checker.step}", flush=True)
         if self.step_sleep:
             time.sleep(self.step_sleep)
+
+
+class LossRecorder(AddOn):
+    """Keeps every step's training loss (log point of each step); stateful, so it resumes with the run.
+
+    Checkpoints no longer carry per-step losses; this add-on's state does, and comparing its
+    list after a resume also checks that add-on state comes back exactly.
+    """
+
+    order = -200  # before the state manager (-100) on LOG: a step checkpoint then holds its own step's loss
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_log(self, trainer: Any, metrics: Any) -> None:
+        self.losses.append(float(metrics["train/loss"]))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"losses": list(self.losses)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.losses = [float(v) for v in state["losses"]]
 
 
 def make_loader(workers: int = 0, stateful: bool = False) -> DataLoader:
@@ -91,8 +114,8 @@ def make_trainer(save_path: str, **settings: Any) -> Any:
     settings.setdefault("handle_signals", False)
     settings.setdefault("save_every_n_steps", 1)
     settings.setdefault("log_every_n_steps", 1)
-    cls = NoisyRegression.add_on(StateManagerAddon, AnnounceSteps)
-    return cls(model, "cpu", "train", optimizer, scheduler, gradient_clip=0.5, save_path=save_path, **settings)
+    cls = NoisyRegression.add_on(StateManagerAddon, AnnounceSteps, GradientClippingAddon(max_norm=0.5), LossRecorder)
+    return cls(model, "cpu", "train", optimizer, scheduler, save_path=save_path, **settings)
 
 
 def outcome(trainer: Any) -> dict[str, Any]:
@@ -101,7 +124,7 @@ def outcome(trainer: Any) -> dict[str, Any]:
     return {
         "params": {k: v.detach().clone() for k, v in trainer.raw_model.state_dict().items()},
         "optimizer": {f"{i}.{k}": v.clone() for i, s in opt["state"].items() for k, v in s.items()},
-        "losses": torch.tensor(trainer.get_loss_history("train"), dtype=torch.float64),
+        "losses": torch.tensor(trainer.get_addon(LossRecorder).losses, dtype=torch.float64),
         "lr": torch.tensor(trainer.current_lr(), dtype=torch.float64),
         "step": torch.tensor(trainer.progress_checker.step),
     }

@@ -130,7 +130,7 @@ class EarlyStoppingAddon(AddOn):
         return "valid/loss" if trainer.valid_loader is not None else "train/loss"
 
     def on_epoch_end(self, trainer: Any) -> None:
-        if trainer.mode != "train":
+        if not _trains(trainer):
             return
         name = self.monitored_name(trainer)
         value = trainer.epoch_metrics.get(name)
@@ -184,3 +184,9 @@ class EarlyStoppingAddon(AddOn):
         self.wait = int(state.get("wait", 0))
         stopped = state.get("stopped_epoch")
         self.stopped_epoch = None if stopped is None else int(stopped)
+
+
+def _trains(trainer: Any) -> bool:
+    """Whether this is a training run (``run_kind``; ``mode`` on trainers from before the lean core)."""
+    kind = getattr(trainer, "run_kind", None)
+    return (kind if kind is not None else trainer.mode) == "train"

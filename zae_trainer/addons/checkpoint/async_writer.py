@@ -4,6 +4,9 @@ The training thread copies every tensor to fresh CPU memory (:func:`detached_cop
 part of a save it pays for) and hands the copy to one writer thread. At most one write is in
 flight: the next save, and the end of the run, wait for the previous one. An error in the
 writer is kept and raised on the training thread at that wait, never lost.
+
+The thread is not a daemon: when the interpreter exits normally, Python waits for it, so a
+checkpoint write or a retention deletion in flight is finished, not cut off.
 """
 
 from __future__ import annotations
@@ -77,7 +80,7 @@ class AsyncWriter:
             except BaseException as exc:  # kept and re-raised on the training thread by wait()
                 self._error = exc
 
-        self._thread = threading.Thread(target=target, name="zae-checkpoint-writer", daemon=True)
+        self._thread = threading.Thread(target=target, name="zae-checkpoint-writer", daemon=False)
         self._thread.start()
 
     def wait(self) -> None:

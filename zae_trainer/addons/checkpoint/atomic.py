@@ -6,6 +6,15 @@ Every write goes to a temporary name in the destination's own folder (so the fin
 itself survives a power cut. Temporary names carry :data:`TEMP_MARK` and the writer's pid:
 nothing that lists checkpoints ever picks them up, and :func:`remove_stale_temps` clears the
 ones a killed process left behind.
+
+Deletion is the same in reverse: :func:`mark_for_deletion` renames a checkpoint to a hidden
+name ending in :data:`DELETE_MARK` (one atomic rename, so nothing ever sees half a
+checkpoint under its real name), then the slow part (removing a large file or folder)
+follows. Whoever finds a marked name finishes the job (:func:`finish_deletions`), so a
+deletion cut short by a crash or a kill is completed by the next trainer in that folder.
+
+:func:`link_atomic` points a fixed name (``best``, ``last``) at a checkpoint by replacing a
+symbolic link in one rename, so the name always resolves to a complete checkpoint.
 """
 
 from __future__ import annotations
@@ -26,6 +35,11 @@ __all__ = [
     "publish_dir_atomic",
     "remove_stale_temps",
     "fsync_dir",
+    "DELETE_MARK",
+    "mark_for_deletion",
+    "finish_deletions",
+    "remove_path",
+    "link_atomic",
 ]
 
 TEMP_MARK = ".zt-tmp-"
@@ -126,13 +140,24 @@ def write_path_atomic(final: str, write: Callable[[str], object]) -> int:
         size = os.path.getsize(tmp)
         os.replace(tmp, final)
     except BaseException as exc:
-        cause = _diagnose(tmp) if isinstance(exc, Exception) else None
+        cause = (_reported_errno(exc) or _diagnose(tmp)) if isinstance(exc, Exception) else None
         _remove_quietly(tmp)
         if isinstance(exc, Exception):
             raise _explain(exc, final, cause) from exc
         raise
     fsync_dir(os.path.dirname(os.path.abspath(final)))
     return size
+
+
+def _reported_errno(exc: BaseException) -> OSError | None:
+    """The OS error a library reported only in its message (safetensors: "... (os error 28)")."""
+    import re
+
+    found = re.search(r"os error (\d+)", str(exc))
+    if found is None:
+        return None
+    code = int(found.group(1))
+    return OSError(code, os.strerror(code))
 
 
 def _diagnose(tmp: str) -> OSError | None:
@@ -219,13 +244,66 @@ def remove_stale_temps(folder: str) -> list[str]:
         pid_text = name.rsplit(TEMP_MARK, 1)[1].split("-", 1)[0]
         if pid_text.isdigit() and _alive(int(pid_text)):
             continue
-        path = os.path.join(folder, name)
-        if os.path.isdir(path):
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            _remove_quietly(path)
+        remove_path(os.path.join(folder, name))
         removed.append(name)
     return removed
+
+
+DELETE_MARK = ".deleting"
+
+
+def remove_path(path: str) -> None:
+    """Remove a file, a symbolic link or a folder tree; nothing there is fine."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+        if os.path.exists(path):  # what ignore_errors left behind: say so rather than pretend
+            shutil.rmtree(path)
+    else:
+        _remove_quietly(path)
+
+
+def mark_for_deletion(path: str) -> str:
+    """Rename ``path`` to a hidden name ending in :data:`DELETE_MARK`; return the new path.
+
+    The rename is atomic and durable (the folder is fsync-ed), so from now on no reader
+    finds the checkpoint under its name, and any process may finish removing it.
+    """
+    folder, base = os.path.split(path)
+    marked = os.path.join(folder, f".{base}{DELETE_MARK}")
+    if os.path.lexists(marked):
+        marked = os.path.join(folder, f".{base}-{secrets.token_hex(4)}{DELETE_MARK}")
+    try:
+        os.rename(path, marked)
+    except FileNotFoundError:
+        return marked
+    fsync_dir(folder or ".")
+    return marked
+
+
+def finish_deletions(folder: str) -> list[str]:
+    """Remove every marked (half-deleted) checkpoint in ``folder``; return the original names."""
+    done: list[str] = []
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return done
+    for name in names:
+        if name.startswith(".") and name.endswith(DELETE_MARK):
+            remove_path(os.path.join(folder, name))
+            done.append(name[1: -len(DELETE_MARK)])
+    return done
+
+
+def link_atomic(link: str, target_name: str) -> None:
+    """Make ``link`` a symbolic link to ``target_name`` (relative, in the same folder), atomically."""
+    tmp = _temp_name(link)
+    os.symlink(target_name, tmp)
+    try:
+        os.replace(tmp, link)
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+    fsync_dir(os.path.dirname(os.path.abspath(link)))
 
 
 def _alive(pid: int) -> bool:

@@ -1,27 +1,26 @@
 """Tensor dicts to and from ``.safetensors`` files, shared (tied) weights included.
 
-The file is written here, straight from each tensor's memory into the output file (no
-intermediate ``bytes`` copy of the whole model), in the published safetensors layout: an
-8-byte little-endian header length, a JSON header naming each tensor's dtype, shape and
-byte range, then the raw data. Files are read back with the official
-``safetensors.torch.load_file``, so anything we write is, by construction, what other
-safetensors tools read.
+Files are written by the library itself (``safetensors.torch.save_file``, which writes from
+each tensor's memory without an intermediate ``bytes`` copy of the model) and read back with
+``safetensors.torch.load_file``, so what we write is by construction what other safetensors
+tools read. What we add around the library call: the crash-safe publication (the caller
+hands us a temporary path in the destination folder, then fsyncs and renames it, see
+:mod:`.atomic`) and shared storage.
 
-Shared storage: ``safetensors.torch.save_file`` refuses tensors that share memory (tied
-input/output embeddings). We store each shared tensor once, under its first name, and list
-the other names in the header metadata (``zae_trainer.aliases``); :func:`read_tensors`
-restores them. Other tools see the unique tensors, as with ``safetensors.torch.save_model``.
+Shared storage: ``save_file`` refuses tensors that share memory (tied input/output
+embeddings). We store each shared tensor once, under its first name, and list the other
+names in the header metadata (``zae_trainer.aliases``); :func:`read_tensors` restores them.
+Other tools see the unique tensors, as with ``safetensors.torch.save_model``. Distinct views
+into one storage (not the same tensor) are copied apart before the call.
 """
 
 from __future__ import annotations
 
 import json
-import struct
 from typing import Any, Mapping
 
 import torch
 
-from .atomic import RecordingFile
 from .errors import CheckpointCorruptError
 
 __all__ = ["write_tensors", "read_tensors", "ALIASES_KEY"]
@@ -73,37 +72,37 @@ def _unique(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor
     return unique, aliases
 
 
-def _raw_bytes(tensor: torch.Tensor) -> memoryview:
-    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-    if flat.numel() == 0:
-        return memoryview(b"")
-    return flat.view(torch.uint8).numpy().data
+def _separate(unique: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU tensors, none sharing storage with another (what ``save_file`` accepts)."""
+    owners: dict[tuple[Any, ...], str] = {}
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in unique.items():
+        flat = tensor.detach().to("cpu")
+        flat = flat if flat.is_contiguous() else flat.contiguous()
+        if flat.numel():
+            storage = (flat.untyped_storage().data_ptr(), flat.untyped_storage().nbytes())
+            if storage in owners:  # a different view into memory another tensor uses
+                flat = flat.clone()
+            else:
+                owners[storage] = name
+        out[name] = flat
+    return out
 
 
 def write_tensors(
-    file: RecordingFile, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+    path: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
 ) -> None:
-    """Write ``tensors`` to an open binary file in safetensors format."""
+    """Write ``tensors`` to the file ``path`` in safetensors format, with ``safetensors.torch.save_file``.
+
+    ``path`` should be a temporary name: publish it with :func:`.atomic.write_path_atomic`.
+    """
+    from safetensors.torch import save_file
+
     unique, aliases = _unique(tensors)
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     if aliases:
         meta[ALIASES_KEY] = json.dumps(aliases, sort_keys=True)
-    header: dict[str, Any] = {}
-    offset = 0
-    order = sorted(unique)
-    for name in order:
-        t = unique[name]
-        nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    if meta:
-        header["__metadata__"] = meta
-    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
-    file.write(struct.pack("<Q", len(encoded)))
-    file.write(encoded)
-    for name in order:
-        file.write(_raw_bytes(unique[name]))
+    save_file(_separate(unique), path, metadata=meta or None)
 
 
 def read_tensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -1,9 +1,9 @@
-"""The checkpoint schema (format version 1): what a checkpoint holds and how it is applied.
+"""The checkpoint schema (format version 2): what a checkpoint holds and how it is applied.
 
 Top-level keys (both formats hold the same tree)::
 
     format            "zae_trainer.checkpoint"
-    format_version    1
+    format_version    2
     model             the unwrapped model's state_dict (no "module." prefixes)
     model_config      optional plain dict describing the model (model_config= setting,
                       else the model's own ``config`` mapping / ``to_dict()``), or None
@@ -11,22 +11,30 @@ Top-level keys (both formats hold the same tree)::
     scheduler         scheduler.state_dict() or None
     progress          ProgressChecker counters: step, batches, epoch, samples, batch_in_epoch, ...
     history           per-epoch metrics, one dict per finished epoch
-    loss_history      {"train": [...], "test": [...]}: per-step losses read so far
     best              {"metric", "value", "epoch"}: the best monitored value so far
+    metrics           the metric accumulators' state (a mid-epoch resume continues their sums)
     addons            {add-on name: its state_dict()}  (the GradScaler lives in the
                       precision add-on's entry)
     rng               python / numpy / torch CPU / every CUDA device (see rng.py)
     data_position     batch_in_epoch, the epoch-start RNG and loader-generator states,
                       the loaders' generator states now, a stateful loader's own state
     config            the run's config and hyperparameters (Trainer(config=...))
-    trainer_settings  monitor, monitor_mode, accumulate_grad_batches, gradient_clip, ...
-    training_info     epochs_run, global_step, best_loss, best_epoch, monitor
+    trainer_settings  monitor, monitor_mode, accumulate_grad_batches, log_every_n_steps, world_size
     versions          zae_trainer, torch, python, numpy, safetensors
     saved_at          {"unix": seconds, "iso": ISO-8601 UTC}
     reasons           why it was written: "best", "last", "step", "epoch", "interrupt", ...
+    loss_history      only with ``save_loss_history=True`` and a trainer that keeps one:
+                      {"train": [...], "test": [...]}, every step's loss so far
+    (anything else the trainer's state_dict() holds, and keys add-ons add on CHECKPOINT_SAVE)
 
-:func:`as_snapshot` gives the seed systems' snapshot layout (model state + model config,
-training info, optimizer and scheduler state, global config) from any checkpoint.
+Version 1 (zae_trainer before the lean core) also held ``loss_history`` always and a
+``training_info`` block repeating progress and best; :func:`upgrade` reads it as version 2
+(``loss_history`` is kept for a trainer that restores it, ``training_info`` is dropped:
+:func:`as_snapshot` derives it). Files written by other trainers (format version 0 here)
+come from :mod:`.foreign`.
+
+:func:`as_snapshot` gives a snapshot view (model state and config, training info,
+optimizer, scheduler, global config) of any checkpoint, in our key names or lis2's.
 """
 
 from __future__ import annotations
@@ -41,7 +49,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .data_position import ResumePlan
-from .errors import CheckpointError, CheckpointMismatchError
+from .errors import CheckpointCorruptError, CheckpointError, CheckpointMismatchError
+from .foreign import as_lis2
 from .formats import SCHEMA_NAME
 from .rng import capture_rng, restore_rng
 from .tree import to_plain
@@ -49,9 +58,17 @@ from .tree import to_plain
 if TYPE_CHECKING:  # pragma: no cover
     from ...trainer import Trainer
 
-__all__ = ["FORMAT_VERSION", "SCHEMA_NAME", "build_checkpoint", "apply_checkpoint", "as_snapshot", "model_config_of"]
+__all__ = [
+    "FORMAT_VERSION",
+    "SCHEMA_NAME",
+    "build_checkpoint",
+    "apply_checkpoint",
+    "as_snapshot",
+    "model_config_of",
+    "upgrade",
+]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _SHOWN = 10
 
 
@@ -84,12 +101,13 @@ def build_checkpoint(
     reasons: list[str],
     data_position: dict[str, Any],
     model_config: Mapping[str, Any] | None,
+    save_loss_history: bool = False,
 ) -> dict[str, Any]:
     """Everything needed to continue the run exactly, as tensors and plain values."""
-    state = trainer.state_dict()
-    pc = trainer.progress_checker
+    state = dict(trainer.state_dict())
+    if not save_loss_history:
+        state.pop("loss_history", None)
     now = time.time()
-    best = state.get("best") or {}
     checkpoint: dict[str, Any] = {
         "format": SCHEMA_NAME,
         "format_version": FORMAT_VERSION,
@@ -102,16 +120,8 @@ def build_checkpoint(
             "monitor": trainer.monitor_name(),
             "monitor_mode": trainer.monitor_mode,
             "accumulate_grad_batches": trainer.accumulate_grad_batches,
-            "gradient_clip": trainer.gradient_clip,
             "log_every_n_steps": trainer.log_every_n_steps,
             "world_size": trainer.world_size,
-        },
-        "training_info": {
-            "epochs_run": pc.epoch,
-            "global_step": pc.step,
-            "best_loss": best.get("value"),
-            "best_epoch": best.get("epoch"),
-            "monitor": best.get("metric") or trainer.monitor_name(),
         },
         "versions": versions(),
         "saved_at": {"unix": now, "iso": _dt.datetime.fromtimestamp(now, _dt.timezone.utc).isoformat()},
@@ -124,6 +134,36 @@ def build_checkpoint(
     plain = to_plain(checkpoint)
     plain["model"] = model
     return plain
+
+
+_REQUIRED = {"model": Mapping, "progress": Mapping, "rng": Mapping}
+
+
+def upgrade(checkpoint: dict[str, Any], source: str) -> dict[str, Any]:
+    """``checkpoint`` as the current version; raise if it is newer than this code or malformed.
+
+    Version 1 loses ``training_info`` (derived data); foreign files (version 0) pass as they are.
+    """
+    version = checkpoint.get("format_version")
+    if isinstance(version, bool) or not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{source!r} has checkpoint format version {version!r}; this zae_trainer reads versions up to "
+            f"{FORMAT_VERSION}. To fix, upgrade zae_trainer.",
+            source,
+        )
+    required = dict(_REQUIRED)
+    if version == 0:  # a foreign file: no RNG states to restore
+        required.pop("rng")
+    for key, kind in required.items():
+        if not isinstance(checkpoint.get(key), kind):
+            raise CheckpointCorruptError(
+                f"{source!r} is damaged: its {key!r} entry is {type(checkpoint.get(key)).__name__}, not a mapping",
+                source,
+            )
+    if version == 1:
+        checkpoint = {k: v for k, v in checkpoint.items() if k != "training_info"}
+        checkpoint["format_version"] = FORMAT_VERSION
+    return checkpoint
 
 
 def _model_mismatch(own: Mapping[str, torch.Tensor], saved: Mapping[str, Any]) -> tuple[list[str], list[str], list[str]]:
@@ -164,23 +204,18 @@ def check_model_fits(model: torch.nn.Module, weights: Mapping[str, Any], source:
 
 def apply_checkpoint(trainer: "Trainer", checkpoint: dict[str, Any], source: str, strict: bool = True) -> ResumePlan:
     """Restore the trainer (and the global RNGs) from ``checkpoint``; return its data position."""
-    version = checkpoint.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise CheckpointError(
-            f"{source!r} has checkpoint format version {version!r}; this zae_trainer reads versions up to "
-            f"{FORMAT_VERSION}. To fix, upgrade zae_trainer.",
-            source,
-        )
+    checkpoint = upgrade(checkpoint, source)
     weights = check_model_fits(trainer.raw_model, checkpoint["model"], source, strict)
     try:
         trainer.load_state_dict({**checkpoint, "model": weights}, strict=strict)
-    except (ValueError, KeyError, RuntimeError) as exc:
+    except (ValueError, KeyError, RuntimeError, TypeError) as exc:
         raise CheckpointMismatchError(
             f"could not restore {source!r}: {type(exc).__name__}: {exc}. The optimizer, scheduler or add-ons "
             "differ from the run that saved it; to load the weights alone use trainer.apply_weights(path).",
             source,
         ) from exc
-    restore_rng(checkpoint["rng"])
+    if "rng" in checkpoint:
+        restore_rng(checkpoint["rng"])
     from ...events import Event
 
     trainer.emit(Event.CHECKPOINT_LOAD, checkpoint)
@@ -193,16 +228,31 @@ def apply_checkpoint(trainer: "Trainer", checkpoint: dict[str, Any], source: str
     )
 
 
-def as_snapshot(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
-    """The seed systems' snapshot layout, read from a checkpoint.
+def as_snapshot(checkpoint: Mapping[str, Any], layout: str = "zae_trainer") -> dict[str, Any]:
+    """A snapshot view of a checkpoint: model state and config, training info, optimizer, scheduler, config.
 
-    Returns ``{"model_state", "model_config", "training_info": {"epoch", "epochs_run",
-    "global_step", "best_loss", "best_epoch", "monitor"}, "optimizer_state",
-    "scheduler_state", "global_config"}``.
+    ``layout="zae_trainer"`` returns ``{"model_state", "model_config", "training_info":
+    {"epoch", "epochs_run", "global_step", "best_loss", "best_epoch", "monitor"},
+    "optimizer_state", "scheduler_state", "global_config"}``. ``layout="lis2"`` returns lis2's
+    ``{MODEL: {"config", "state"}, TRAIN_INFO: {"epochs_run", "best_loss", "optimizer",
+    "scheduler"}, GLOBAL_CONFIG: {...}}`` (see :mod:`.foreign` for the key names).
     """
-    info = dict(checkpoint.get("training_info") or {})
-    info.setdefault("epochs_run", checkpoint["progress"]["epoch"])
-    info["epoch"] = info["epochs_run"]
+    if layout == "lis2":
+        return as_lis2(checkpoint)
+    if layout != "zae_trainer":
+        raise ValueError(f"layout must be 'zae_trainer' or 'lis2', got {layout!r}")
+    progress = checkpoint.get("progress") or {}
+    best = checkpoint.get("best") or {}
+    settings = checkpoint.get("trainer_settings") or {}
+    epochs = int(progress.get("epoch", 0))
+    info = {
+        "epoch": epochs,
+        "epochs_run": epochs,
+        "global_step": int(progress.get("step", 0)),
+        "best_loss": best.get("value"),
+        "best_epoch": best.get("epoch"),
+        "monitor": best.get("metric") or settings.get("monitor"),
+    }
     return {
         "model_state": checkpoint["model"],
         "model_config": checkpoint.get("model_config"),
