@@ -141,3 +141,10 @@ def test_configured_by_keyword_and_by_name() -> None:
 def test_conformance(tmp_path: Path) -> None:
     report = check_addon(EarlyStoppingAddon, {"patience": 100}, workdir=tmp_path)
     assert report["sync"] == 0
+
+
+def test_a_tie_is_not_an_improvement() -> None:
+    # the same rule as "best" everywhere: only a strictly better value resets patience
+    trainer = _run([2, 3, 3, 3, 4], monitor="train/score", mode="max", patience=2)
+    addon = trainer.get_addon("early_stopping")
+    assert addon.best == 3.0 and addon.stopped_epoch == 4 and trainer.progress_checker.epoch == 4
