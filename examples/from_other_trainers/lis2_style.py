@@ -4,14 +4,17 @@ epochs and of the last epoch, and data-parallel training (DDP) over several proc
 
 * The model carries a ``config`` dict; the state manager stores it with every checkpoint
   (``model_config``), so a snapshot rebuilds the model without the training script.
-* ``save_every_n_epochs=2`` and ``save_last=True``; ``keep_last`` is large enough here that
-  periodic snapshots are not rotated away.
+* ``save_every_n_epochs=2`` and ``save_last=True``: periodic snapshots are kept by their own
+  rule (``keep_periodic``, all by default), not rotated away by ``keep_last=1``; names carry a
+  prefix (``filename_prefix="regressor-"``) and ``last.ckpt`` / ``best.ckpt`` are fixed paths
+  (links) for scripts that do not read the manifest.
 * ``MultiGPUAddon`` with ``device="cpu", world_size=2`` starts two processes over gloo (on GPUs:
   ``device=["cuda:0", "cuda:1"]``, or launch the script with ``torchrun``); only rank 0 writes
   checkpoints, and they hold the unwrapped model. ``--world-size 1`` trains in this process.
-* After training, the newest snapshot is read back in lis2's layout,
-  ``{MODEL: {config, state}, TRAIN_INFO: {epochs_run, best_loss, optimizer, scheduler},
-  GLOBAL_CONFIG}``, and the model is rebuilt from it.
+* After training, ``last.ckpt`` is read back in lis2's layout with
+  ``read_snapshot(path, layout="lis2")``: ``{MODEL: {config, state}, TRAIN_INFO: {epochs_run,
+  best_loss, optimizer, scheduler}, GLOBAL_CONFIG}``, and the model is rebuilt from it. lis2's
+  own snapshot files load the same way, and resume (``resume=<path>``).
 
 Run:  python examples/from_other_trainers/lis2_style.py [--world-size 2] [--epochs 6]
 """
@@ -69,21 +72,6 @@ def make_loaders(seed: int = 0) -> tuple[DataLoader, DataLoader]:
     )
 
 
-def as_lis2(snapshot: dict[str, Any]) -> dict[str, Any]:
-    """lis2's keys over :func:`read_snapshot`'s layout."""
-    info = snapshot["training_info"]
-    return {
-        "MODEL": {"config": snapshot["model_config"], "state": snapshot["model_state"]},
-        "TRAIN_INFO": {
-            "epochs_run": info["epochs_run"],
-            "best_loss": info["best_loss"],
-            "optimizer": snapshot["optimizer_state"],
-            "scheduler": snapshot["scheduler_state"],
-        },
-        "GLOBAL_CONFIG": snapshot["global_config"],
-    }
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=6)
@@ -100,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=3, gamma=0.5)
     addons: list[Any] = [
         StateManagerAddon(save_path=save_path, save_every_n_epochs=args.save_every, save_last=True,
-                          keep_top_k=1, keep_last=args.epochs),
+                          keep_top_k=1, keep_last=1, filename_prefix="regressor-"),
     ]
     if args.world_size > 1:
         addons.append(MultiGPUAddon(world_size=args.world_size, collective_timeout=120.0))
@@ -111,15 +99,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     train, valid = make_loaders()
     trainer.run(args.epochs, train, valid)  # with world_size > 1: one process per rank, then back here
 
-    latest = os.path.join(save_path, sorted(n for n in os.listdir(save_path) if n.startswith("epoch"))[-1])
-    snapshot = as_lis2(read_snapshot(latest))
+    snapshot = read_snapshot(os.path.join(save_path, "last.ckpt"), layout="lis2")  # a fixed path
     rebuilt = Regressor(**snapshot["MODEL"]["config"])
     rebuilt.load_state_dict(snapshot["MODEL"]["state"])
     info = snapshot["TRAIN_INFO"]
-    saved = sorted(n for n in os.listdir(save_path) if n.startswith("epoch"))
+    saved = sorted(n for n in os.listdir(save_path) if n.startswith("regressor-"))
     print(f"snapshots in {save_path}: {', '.join(saved)}")
     print(
-        f"latest snapshot: epochs_run {info['epochs_run']}, best_loss {info['best_loss']:.4f}, "
+        f"last.ckpt: epochs_run {info['epochs_run']}, best_loss {info['best_loss']:.4f}, "
         f"GLOBAL_CONFIG {snapshot['GLOBAL_CONFIG']}; model rebuilt from MODEL.config {snapshot['MODEL']['config']}"
     )
     return {"trainer": trainer, "snapshot": snapshot, "rebuilt": rebuilt, "saved": saved, "out": out}

@@ -7,7 +7,8 @@ YAML file with the same keys): names are resolved, and misspelt keys fail, befor
 
 * ``keep_top_k: 3`` keeps the three best epochs by the monitored metric (``valid/loss``);
   ``keep_last: 1`` and ``save_last: true`` keep the newest one as well; a checkpoint that is
-  both is one file. ``manifest.json`` names the best and the latest.
+  both is one file. ``manifest.json`` names the best and the latest, and ``best.ckpt`` /
+  ``last.ckpt`` are fixed paths (links) to them.
 * ``wandb`` with ``mode: offline`` writes the run under ``<out>/wandb`` (``wandb sync`` uploads
   it later); leave ``mode`` out to log online.
 
@@ -95,6 +96,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for entry in kept:
         marks = [m for m in ("best", "latest") if manifest[m] == entry["name"]]
         print(f"  {entry['name']}  valid/loss {entry['value']:.4f}  {' '.join(marks)}")
+    for link in ("best.ckpt", "last.ckpt"):
+        print(f"  {link} -> {os.path.basename(os.path.realpath(os.path.join(out, 'ckpt', link)))}")
     return {"trainer": trainer, "manifest": manifest, "out": out, "wandb": use_wandb}
 
 
