@@ -41,6 +41,12 @@ never holds a step. Creating the run and the final wait for the queue each take 
 ``timeout`` seconds; past that the add-on gives up with one warning (what is queued may be
 lost) and training goes on. Like every logger, a failing MLflow call disables the add-on for
 the run with one warning and never stops training.
+
+Why it sets ``MLFLOW_HTTP_REQUEST_BACKOFF_JITTER=0`` (``setdefault``: a value you set wins):
+MLflow's HTTP retries add a jitter drawn from Python's global :mod:`random`, in MLflow's own
+threads. A server that is slow or down would then draw from the generator your training
+seeded, at moments nobody controls, and a seeded run (or an exact resume) would stop being
+reproducible. Without jitter the retries draw nothing; they back off all the same.
 """
 
 from __future__ import annotations
@@ -225,6 +231,7 @@ class MLflowLoggerAddon(LoggerAddOn):
     # ==================================================================================
     def _resolve_uri(self) -> str:
         uri = self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "mlruns"
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_JITTER", "0")  # see the module docstring
         if "://" not in uri and not uri.startswith(("file:", "databricks")):  # a folder
             uri = "file:" + os.path.abspath(uri)
         if uri.startswith("file:"):  # MLflow 3 refuses its file store unless this is set
