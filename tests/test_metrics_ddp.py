@@ -98,7 +98,9 @@ def test_the_accumulator_computes_a_global_torchmetric_in_a_process_group(tmp_pa
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    context = multiprocessing.get_context("fork")  # CPU and gloo only: forking is safe here
+    # Not "fork": earlier tests leave threads (loggers' services, OpenMP pools) whose locks a
+    # forked child inherits held; it crashed with SIGSEGV once in CI.
+    context = multiprocessing.get_context(fast_start_method())
     workers = [context.Process(target=_entry, args=(r, 2, port, str(tmp_path))) for r in range(2)]
     for worker in workers:
         worker.start()
