@@ -250,6 +250,8 @@ class Trainer(metaclass=TrainerMeta):
         self.history: list[dict[str, float]] = []  # one dict of epoch metrics per epoch
         self.best: dict[str, Any] = {"metric": None, "value": None, "epoch": None}
         self.summary = RunSummary()
+        #: What the last ``test()`` evaluated: its ``weights`` (a path as ``str``); None: the model as it was.
+        self.test_weights: str | None = None
         self.stop_reason: str | None = None
         self.loader: Any = None
         self.valid_loader: Any = None
@@ -1030,6 +1032,7 @@ class Trainer(metaclass=TrainerMeta):
         if loader is None or not hasattr(loader, "__iter__"):
             raise TypeError(f"test() needs an iterable of batches (a DataLoader), got {type(loader).__name__}")
         restore = self._load_test_weights(weights)
+        self.test_weights = None if weights is None else os.fspath(weights)  # loggers record it with the metrics
         previous = self._phase, self._acc, self._accumulators["test"], self._extras.pop("test", None)
         was_training = self.model.training
         self._accumulators["test"] = MetricAccumulator("test")
