@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import abc
 import inspect
+import weakref
 from typing import TYPE_CHECKING, Any, ClassVar, Final, TypeVar
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -95,8 +96,8 @@ class AddOn:
 
     #: Settings given when this instance was configured (``AddOn(x=1)``); filled by ``__new__``.
     _given_settings: dict[str, Any]
-    #: The trainer this add-on serves; set by the trainer before any hook runs.
-    trainer: "Trainer"
+    #: A weak reference to the trainer this add-on serves (see :attr:`trainer`).
+    _trainer_ref: "weakref.ReferenceType[Trainer] | None" = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -149,6 +150,37 @@ class AddOn:
     def accepts_any_setting(cls) -> bool:
         """True when ``__init__`` takes ``**kwargs``; such an add-on receives no routed extras."""
         return any(p.kind is p.VAR_KEYWORD for p in cls.settings_parameters().values())
+
+    # -- the trainer -----------------------------------------------------------------
+    @property
+    def trainer(self) -> "Trainer":
+        """The trainer this add-on serves; set by the trainer before ``setup`` and any hook.
+
+        Held as a weak reference: the trainer holds its add-ons, so a strong reference back
+        would be a cycle, and ``del trainer`` would then leave the trainer, its add-ons and
+        their open files and runs to a later garbage collection instead of freeing them at
+        once. Hooks receive the trainer as their argument; use that in per-step code (this
+        property dereferences the weak reference on each access).
+
+        Raises
+        ------
+        RuntimeError
+            Before the add-on is attached to a trainer, or after that trainer was freed.
+        """
+        ref = self._trainer_ref
+        trainer = ref() if ref is not None else None
+        if trainer is None:
+            state = "was never attached to a trainer" if ref is None else "outlived its trainer, which was freed"
+            raise RuntimeError(
+                f"add-on {self.name!r} {state}, so there is no trainer to use. To fix, call this through a "
+                "live trainer (keep a reference to the trainer while you use its add-ons), or pass the trainer "
+                "to what needs it."
+            )
+        return trainer
+
+    @trainer.setter
+    def trainer(self, trainer: "Trainer") -> None:
+        self._trainer_ref = weakref.ref(trainer)
 
     # -- lifecycle ------------------------------------------------------------------
     def setup(self, trainer: "Trainer") -> None:

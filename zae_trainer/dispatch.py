@@ -7,6 +7,11 @@ emitting an event is a loop over a ready tuple of bound methods, and an event no
 to costs one dictionary miss (or, on the per-batch path, one ``is None`` test: see
 :meth:`Dispatcher.caller`).
 
+References: the dispatcher holds the add-ons, never the trainer; the trainer passes itself
+to every call (``emit(trainer, event)``, ``fire(trainer)``). The trainer holds the
+dispatcher, so a reference back would be a cycle, and a trainer in a cycle is not freed by
+``del trainer`` but only by a later garbage collection, with its loggers still open.
+
 Errors: an exception raised inside a hook leaves :meth:`Dispatcher.emit` with its own type
 and traceback; a note naming the add-on and the event is attached (``exc.add_note``), so it
 shows in the traceback and ``except NonFiniteLossError`` catches what the docs promise.
@@ -65,18 +70,15 @@ class Dispatcher:
 
     Parameters
     ----------
-    trainer : object
-        Passed to every hook as its first argument.
     addons : sequence of AddOn
         The trainer's add-on instances in declared (dispatch) order.
     table : HandlerTable
         The class's handler table (indices into ``addons``).
     """
 
-    __slots__ = ("_trainer", "addons", "_chains", "_by_type")
+    __slots__ = ("addons", "_chains", "_by_type")
 
-    def __init__(self, trainer: Any, addons: Sequence[AddOn], table: HandlerTable) -> None:
-        self._trainer = trainer
+    def __init__(self, addons: Sequence[AddOn], table: HandlerTable) -> None:
         self.addons = tuple(addons)
         self._chains: dict[Event, _Chain] = {
             event: tuple((self.addons[i], fn.__get__(self.addons[i])) for i, fn in chain)
@@ -102,9 +104,9 @@ class Dispatcher:
         }
 
     # -- calling --------------------------------------------------------------------------
-    def emit(self, event: Event, *args: Any) -> None:
-        """Call every hook subscribed to ``event``; a hook's exception propagates unchanged."""
-        trainer = self._trainer
+    def emit(self, trainer: Any, event: Event, *args: Any) -> None:
+        """Call every hook subscribed to ``event`` with ``trainer``; a hook's exception propagates
+        unchanged."""
         for addon, hook in self._chains.get(event, ()):
             try:
                 hook(trainer, *args)
@@ -114,18 +116,18 @@ class Dispatcher:
                 annotate(exc, addon, event)
                 raise
 
-    def caller(self, event: Event) -> Callable[[], None] | None:
-        """A ready function that fires ``event`` with no arguments, or None if nobody listens.
+    def caller(self, event: Event) -> Callable[[Any], None] | None:
+        """A ready function ``fire(trainer)`` that fires ``event``, or None if nobody listens.
 
         The per-batch events use this: the loop tests ``is None`` instead of entering
-        :meth:`emit`, so an event without subscribers costs nothing measurable per step.
+        :meth:`emit`, so an event without subscribers costs nothing measurable per step. The
+        trainer keeps these functions, so they take it as an argument instead of holding it.
         """
         chain = self._chains.get(event)
         if not chain:
             return None
-        trainer = self._trainer
 
-        def fire() -> None:
+        def fire(trainer: Any) -> None:
             for addon, hook in chain:
                 try:
                     hook(trainer)
@@ -138,10 +140,9 @@ class Dispatcher:
         fire.__qualname__ = f"fire_{event.name.lower()}"
         return fire
 
-    def emit_while_failing(self, event: Event, *args: Any) -> None:
+    def emit_while_failing(self, trainer: Any, event: Event, *args: Any) -> None:
         """Dispatch while the run is already failing: a hook's own error becomes a warning,
         so it never hides the original one; every subscriber still runs."""
-        trainer = self._trainer
         for addon, hook in self._chains.get(event, ()):
             try:
                 hook(trainer, *args)

@@ -233,9 +233,7 @@ class Trainer(metaclass=TrainerMeta):
         checked: list[torch.optim.Optimizer | None] = [*self._optimizers.values()] if self._optimizers else [optimizer]
         for each in checked:
             check_optimizer(self.model, each, mode)
-        if self._optimizers is not None:  # bound once: the single-optimizer loop pays nothing for this
-            self._forward_backward = self._forward_backward_several  # type: ignore[method-assign]
-            self._optimizer_phase = self._optimizer_phase_several  # type: ignore[method-assign]
+        if self._optimizers is not None:  # run() binds the several-optimizer steps (see _bind_steps)
             self._losses_pending: set[str] = set()
             self._others: dict[str, list[torch.Tensor]] = {
                 name: [p for other, opt in self._optimizers.items() if other != name for p in parameters_of(opt)]
@@ -276,12 +274,13 @@ class Trainer(metaclass=TrainerMeta):
         addons = tuple(_construct(spec, kwargs) for spec, kwargs in zip(self._zt_specs, routed))
         for addon in addons:
             addon.trainer = self
-        self._dispatch = Dispatcher(self, addons, self._zt_handlers)
+        self._dispatch = Dispatcher(addons, self._zt_handlers)  # holds no reference back to self
         self._addon_by_type = self._dispatch.by_type_table()  # addon_of: one dict lookup per call
         for addon in addons:
             addon.setup(self)
         self._dispatch.drop_idle()
-        # The per-batch events, bound once: None when nobody listens (see Dispatcher.caller).
+        # The per-batch events, bound once: None when nobody listens (see Dispatcher.caller);
+        # each is called with the trainer (fire(self)): kept here, it may not hold self.
         caller = self._dispatch.caller
         self._fire_batch_begin = caller(Event.TRAIN_BATCH_BEGIN)
         self._fire_before_backward = caller(Event.BEFORE_BACKWARD)
@@ -291,8 +290,8 @@ class Trainer(metaclass=TrainerMeta):
         self._fire_addon_batch_end = caller(Event.TRAIN_BATCH_END)
         self._fire_batch_end = self._fire_addon_batch_end  # run() adds the step watch when it needs one
         self._fire_valid_batch_end = caller(Event.VALID_BATCH_END)
-        # Bound only when a strategy overrides it: one process reads the signal flag directly.
-        self._agree_to_stop = None if type(self).agree_to_stop is Trainer.agree_to_stop else self.agree_to_stop
+        # Only when a strategy overrides agree_to_stop: one process reads the signal flag directly.
+        self._ranks_agree = type(self).agree_to_stop is not Trainer.agree_to_stop
 
     # ==================================================================================
     # What users write
@@ -423,7 +422,7 @@ class Trainer(metaclass=TrainerMeta):
         An exception from a hook propagates with its own type; a note names the add-on and
         the event (see :mod:`zae_trainer.dispatch`).
         """
-        self._dispatch.emit(event, *args)
+        self._dispatch.emit(self, event, *args)
 
     # ==================================================================================
     # Strategy methods (add-on mixins may override these; overrides chain with super())
@@ -572,6 +571,7 @@ class Trainer(metaclass=TrainerMeta):
         self._display = ProgressDisplay(self.log_bar and self.is_main_process)
         with StopSignals(self.handle_signals) as self._signals:
             try:
+                self._bind_steps()
                 self.model = self.wrap_model(self.model)
                 self.zero_grad()  # gradients left from before run() must not leak into step 1
                 for optimizer in (self._optimizers or {}).values():
@@ -590,10 +590,11 @@ class Trainer(metaclass=TrainerMeta):
                 raise
             except BaseException as exc:
                 self.summary.status = "failed"
-                self._dispatch.emit_while_failing(Event.EXCEPTION, exc)
+                self._dispatch.emit_while_failing(self, Event.EXCEPTION, exc)
                 raise
             finally:
-                self._fire_batch_end = self._fire_addon_batch_end  # no closure (a reference cycle) left behind
+                self._fire_batch_end = self._fire_addon_batch_end
+                self._unbind_steps()  # no bound method of self left on self (a reference cycle)
                 self._finish_run()
 
     def _run_epoch(self) -> None:
@@ -654,19 +655,35 @@ class Trainer(metaclass=TrainerMeta):
         every = self.valid_every_n_steps or 0
         seen = pc.step
 
-        def batch_end() -> None:
+        def batch_end(trainer: Trainer) -> None:
             nonlocal seen
             if addons is not None:
-                addons()
+                addons(trainer)
             if pc.step == seen:  # no optimizer step closed in this batch
                 return
             seen = pc.step
-            if watch_valid and pc.step % every == 0 and self.stop_reason is None:
-                self._validate_on_step()
-            if self._steps_done():
-                self._halt = True
+            if watch_valid and pc.step % every == 0 and trainer.stop_reason is None:
+                trainer._validate_on_step()
+            if trainer._steps_done():
+                trainer._halt = True
 
         return batch_end
+
+    def _bind_steps(self) -> None:
+        """With several optimizers, put their forward/backward and optimizer phase in place of
+        the single-optimizer ones for this run (the single-optimizer loop pays nothing for them).
+
+        Bound for one ``run()`` only and dropped by :meth:`_unbind_steps`: a bound method of
+        the trainer kept on the trainer is a reference cycle, which would keep a deleted
+        trainer (and its loggers) alive until the next garbage collection.
+        """
+        if self._optimizers is not None:
+            self._forward_backward = self._forward_backward_several  # type: ignore[method-assign]
+            self._optimizer_phase = self._optimizer_phase_several  # type: ignore[method-assign]
+
+    def _unbind_steps(self) -> None:
+        self.__dict__.pop("_forward_backward", None)
+        self.__dict__.pop("_optimizer_phase", None)
 
     def _validate_on_step(self) -> None:
         """A step-driven validation: its metrics replace this epoch's ``valid/*`` and are logged now."""
@@ -698,7 +715,7 @@ class Trainer(metaclass=TrainerMeta):
             batches, handle = loader, self._eval_batch
         tick = self._display.batch_done if self._display.interactive else None
         signals = self._signals
-        agree = self._agree_to_stop  # None unless processes must agree on stopping (DDP)
+        agree = self.agree_to_stop if self._ranks_agree else None  # processes agree on stopping (DDP)
         for batch in batches:
             handle(batch)
             if tick is not None:
@@ -725,7 +742,7 @@ class Trainer(metaclass=TrainerMeta):
         # The hot path: every line runs once per batch. Events nobody listens to are None.
         pc = self.progress_checker
         if self._fire_batch_begin is not None:
-            self._fire_batch_begin()
+            self._fire_batch_begin(self)
         batch = move_to_device(batch, self.device, self.non_blocking)
         position = pc.batch_in_epoch + 1
         closes_group = position % self.accumulate_grad_batches == 0 or position == self._epoch_batches
@@ -742,7 +759,7 @@ class Trainer(metaclass=TrainerMeta):
         if closes_group:
             self._optimizer_phase()
         if self._fire_batch_end is not None:
-            self._fire_batch_end()
+            self._fire_batch_end(self)
         if closes_group and pc.step % self.log_every_n_steps == 0:
             self._flush(self._acc)
 
@@ -755,19 +772,19 @@ class Trainer(metaclass=TrainerMeta):
                 outputs = self.train_step(batch)
         loss = check_train_outputs(outputs, self.progress_checker.step + 1)
         if self._fire_before_backward is not None:
-            self._fire_before_backward()
+            self._fire_before_backward(self)
         if self.accumulate_grad_batches > 1:
             loss = loss / self.accumulate_grad_batches
         self.backward(loss)
         if self._fire_after_backward is not None:
-            self._fire_after_backward()
+            self._fire_after_backward(self)
         return outputs
 
     def _optimizer_phase(self) -> None:
         pc = self.progress_checker
         try:
             if self._fire_before_step is not None:
-                self._fire_before_step()
+                self._fire_before_step(self)
             self.optimizer_step()
             stepped = True
         except SkipStep:
@@ -776,7 +793,7 @@ class Trainer(metaclass=TrainerMeta):
         pc.step += 1
         if stepped:
             if self._fire_after_step is not None:
-                self._fire_after_step()
+                self._fire_after_step(self)
             if self.scheduler is not None and self.scheduler_step_on_batch:
                 self.scheduler.step(**self._step_kwargs)
         self.zero_grad()
@@ -797,7 +814,7 @@ class Trainer(metaclass=TrainerMeta):
         assert self._optimizers is not None
         losses = check_several_losses(outputs, self._optimizers, self.progress_checker.step + 1)
         if self._fire_before_backward is not None:
-            self._fire_before_backward()
+            self._fire_before_backward(self)
         for name, loss in losses.items():
             if self.accumulate_grad_batches > 1:
                 loss = loss / self.accumulate_grad_batches
@@ -812,7 +829,7 @@ class Trainer(metaclass=TrainerMeta):
                 p.grad = grad
             self._losses_pending.add(name)
         if self._fire_after_backward is not None:
-            self._fire_after_backward()
+            self._fire_after_backward(self)
         recorded = {k: v for k, v in outputs.items() if k != "loss"}
         detached = [loss.detach() for loss in losses.values()]
         # "loss" is their sum: the core's NaN/Inf check and the default monitor read it
@@ -832,7 +849,7 @@ class Trainer(metaclass=TrainerMeta):
                 self.optimizer, self.stepping = optimizer, name
                 try:
                     if self._fire_before_step is not None:
-                        self._fire_before_step()
+                        self._fire_before_step(self)
                     self.optimizer_step()
                     stepped.append((name, optimizer))
                 except SkipStep:
@@ -841,7 +858,7 @@ class Trainer(metaclass=TrainerMeta):
             for name, optimizer in stepped:
                 self.optimizer, self.stepping = optimizer, name
                 if self._fire_after_step is not None:
-                    self._fire_after_step()
+                    self._fire_after_step(self)
         finally:
             self.optimizer, self.stepping = first, None
             self._losses_pending.clear()
@@ -870,7 +887,7 @@ class Trainer(metaclass=TrainerMeta):
                     outputs = self.test_step(batch)
         self.record_step(check_eval_outputs(outputs), batch_size(batch))
         if self._fire_valid_batch_end is not None:
-            self._fire_valid_batch_end()
+            self._fire_valid_batch_end(self)
 
     def record_metric(self, name: str, value: torch.Tensor | float, weight: int = 1) -> None:
         """Add a value to the current phase's metrics, as if a step had returned it.
@@ -971,7 +988,7 @@ class Trainer(metaclass=TrainerMeta):
         s.stop_reason = self.stop_reason
         try:
             if s.status in ("failed", "interrupted"):
-                self._dispatch.emit_while_failing(Event.RUN_END)
+                self._dispatch.emit_while_failing(self, Event.RUN_END)
             else:
                 self.emit(Event.RUN_END)
         finally:
