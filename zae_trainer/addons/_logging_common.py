@@ -13,7 +13,15 @@ backend only writes records:
 * ``EPOCH_END`` — the epoch metrics (``train/*``, ``valid/*``), at the same step axis;
 * ``RUN_END`` — the summary (:func:`run_summary`), then the backend closes with the run's
   outcome: ``"finished"``, ``"failed"`` (``EXCEPTION`` fired) or ``"interrupted"``
-  (``INTERRUPT``: SIGINT/SIGTERM), which each backend marks its own way.
+  (``INTERRUPT``: SIGINT/SIGTERM), which each backend marks its own way;
+* ``TEST_END`` — ``trainer.test()``'s ``test/*`` metrics, at step ``progress_checker.step``,
+  with what was evaluated (:func:`test_record`: ``test/weights``, ``test/checkpoint``). A
+  backend with sessions (W&B, Neptune, MLflow: ``test_needs_session``) writes them into the
+  run of the last ``run()`` call: while it is open, directly; after ``RUN_END`` closed it, the
+  backend reopens that same run (:meth:`LoggerAddOn._reopen`), writes, and closes it again
+  with the outcome it had; before any ``run()``, it starts a run for the results. Each call
+  replaces the single-valued results (the latest test() is what a dashboard shows), while
+  the per-step records (W&B history, MLflow metric history, ``test.json``) keep every call.
 
 Conventions every logger follows (what a user reads in any backend):
 
@@ -67,6 +75,7 @@ __all__ = [
     "OUTCOMES",
     "is_secret_key",
     "call_with_timeout",
+    "test_record",
 ]
 
 _log = logging.getLogger("zae_trainer")
@@ -104,6 +113,9 @@ class LoggerAddOn(AddOn):
     order = 100
     #: The backend's name in warnings ("W&B").
     backend: ClassVar[str] = "logger"
+    #: True: ``_write_test`` writes into an open backend session, which ``TEST_END`` outside
+    #: ``run()`` reopens with ``_reopen`` (False: it writes on its own, as the local files do).
+    test_needs_session: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self._active = False  # a backend session is open and healthy
@@ -114,6 +126,8 @@ class LoggerAddOn(AddOn):
         self.interrupt_signal: int | None = None
         self._seconds_before = 0.0  # run seconds before this run() call (restored on resume)
         self._clock_started: float | None = None  # perf_counter() at this run()'s RUN_BEGIN
+        self._last_outcome = "finished"  # how the last run() ended (a reopened run is closed with it)
+        self._test_session = False  # the session is open only to record test() results
 
     # -- the run clock ----------------------------------------------------------------
     @property
@@ -153,11 +167,17 @@ class LoggerAddOn(AddOn):
         raise NotImplementedError
 
     def _write_test(self, trainer: Any, metrics: dict[str, float]) -> None:
-        """Record ``trainer.test()``'s metrics (outside any run); default: say they are not recorded."""
+        """Record ``trainer.test()``'s metrics; default: say they are not recorded."""
         self._warn(
-            f"{self.backend} does not record trainer.test() results yet; they are returned by test() and "
+            f"{self.backend} does not record trainer.test() results; they are returned by test() and "
             "LocalLoggerAddon writes them to test.json."
         )
+
+    def _reopen(self, trainer: Any) -> bool:
+        """Open the run the last ``run()`` logged to again (a new run if there was none), for
+        test results after ``RUN_END`` closed it; return False to record nothing, quietly.
+        Only called when ``test_needs_session``."""
+        return False
 
     # -- hooks ----------------------------------------------------------------------
     def on_run_begin(self, trainer: Any) -> None:
@@ -197,8 +217,23 @@ class LoggerAddOn(AddOn):
         self.interrupt_signal = int(signum)
 
     def on_test_end(self, trainer: Any, metrics: Mapping[str, float]) -> None:
-        if trainer.is_main_process:
+        if not trainer.is_main_process:
+            return
+        if self._active or not self.test_needs_session:  # test() inside run(), or no session needed
             self._guarded("record test results", self._write_test, trainer, dict(metrics))
+            return
+        # test() outside run(): RUN_END closed the run (or none was started); open it for the results
+        self._warned = False  # one warning for this test() call's results, as for a run
+        self._test_session = True
+        try:
+            if self._guarded("reopen its run for the test results", self._reopen, trainer):
+                self._active = True
+                self._guarded("record test results", self._write_test, trainer, dict(metrics))
+                if self._active:
+                    self._active = False
+                    self._guarded("close the run after the test results", self._close, self._last_outcome)
+        finally:
+            self._active = self._test_session = False
 
     def on_run_end(self, trainer: Any) -> None:
         # The trainer timed this run() call; on top of what earlier processes trained, that is
@@ -215,6 +250,7 @@ class LoggerAddOn(AddOn):
             outcome = "interrupted"
         else:
             outcome = "finished"
+        self._last_outcome = outcome
         summary = run_summary(trainer, seconds)
         self._guarded("record the summary", self._write_summary, trainer, summary)
         if self._active:
@@ -238,8 +274,8 @@ class LoggerAddOn(AddOn):
         )
         self._warn(message)
         if was_active:  # end the backend's session so what it already has is kept
-            try:
-                self._close("finished")
+            try:  # a run reopened for test results keeps the outcome its training had
+                self._close(self._last_outcome if self._test_session else "finished")
             except Exception as close_exc:
                 _log.debug("%s: closing after a failure raised %r", self.backend, close_exc)
 
@@ -330,6 +366,29 @@ def run_summary(trainer: Any, seconds: float | None = None) -> dict[str, Any]:
         "best/value": s.best_value,
         "best/epoch": s.best_epoch,
     }
+
+
+def test_record(trainer: Any) -> dict[str, str]:
+    """What the last ``trainer.test()`` evaluated, for the loggers to record beside its metrics.
+
+    ``"test/weights"``: ``"best"``, ``"last"``, ``"best:<metric>"``, a path, or ``"current"``
+    (``weights=None``: the model as it was); ``"test/checkpoint"``: the absolute path of the
+    file or folder the weights were read from, ``""`` when none was loaded. Both keys are always
+    there, so a later call never leaves an earlier call's checkpoint beside its own weights.
+    """
+    weights = getattr(trainer, "test_weights", None)
+    record = {"test/weights": "current" if weights is None else str(weights), "test/checkpoint": ""}
+    if weights is None or weights == "last":
+        return record
+    manager = next((a for a in trainer.addon_instances if a.name == "state_manager"), None)
+    resolve = getattr(manager, "_resolve", None)
+    try:
+        path = resolve(str(weights)) if resolve is not None else str(weights)
+    except Exception as exc:  # the manifest changed since: the weights name is still recorded
+        _log.debug("test_record: cannot resolve %r: %r", weights, exc)
+        return record
+    record["test/checkpoint"] = os.path.abspath(path)
+    return record
 
 
 def best_checkpoint_path(trainer: Any) -> str | None:

@@ -21,7 +21,14 @@ What it logs (as every logger, see :mod:`zae_trainer.addons._logging_common`):
 * the state manager's best checkpoint as an artifact under ``checkpoints/best`` (a
   ``StateManagerAddon`` must be present; ``upload_best_checkpoint=None``, the default, uploads
   it whenever one is);
-* the run's status: ``FINISHED``, ``FAILED`` (the run raised) or ``KILLED`` (SIGINT/SIGTERM).
+* the run's status: ``FINISHED``, ``FAILED`` (the run raised) or ``KILLED`` (SIGINT/SIGTERM);
+* ``trainer.test()`` results: metrics ``test/<name>`` at the trainer's step, and tags
+  ``test/weights`` (``"best"``, ``"last"``, a path, or ``"current"``) and ``test/checkpoint``
+  (the file the weights came from, ``""`` when none was loaded). MLflow keeps every value of a
+  metric, so several calls (best, then last weights) are all in ``get_metric_history``, each
+  with a later timestamp; the run shows the latest. After ``run()`` ended, they go to the same
+  run through the client (MLflow accepts values for a finished run); its status and end time
+  stay as training left them. Before any ``run()``, a run is created for them.
 
 The run is the user's if there is one: with an active fluent run (``mlflow.start_run()`` before
 training) the add-on logs into it and leaves it open. Otherwise it creates a run through an
@@ -66,6 +73,7 @@ from ._logging_common import (
     epoch_record,
     is_finite_number,
     run_config,
+    test_record,
 )
 
 __all__ = ["MLflowLoggerAddon", "LoggingBackendWarning", "flatten_params"]
@@ -116,6 +124,7 @@ class MLflowLoggerAddon(LoggerAddOn):
 
     name = "mlflow_logger"
     backend = "MLflow"
+    test_needs_session = True
 
     def __init__(
         self,
@@ -146,6 +155,7 @@ class MLflowLoggerAddon(LoggerAddOn):
         self.client: Any = None  # the MlflowClient of the current run
         self._owns_run = False
         self._pending: list[Any] = []  # RunOperations of queued log_batch calls
+        self._test_ms = 0  # timestamp of the last test() results, so each later call's are newer
 
     def setup(self, trainer: Any) -> None:
         if importlib.util.find_spec("mlflow") is None:
@@ -217,6 +227,31 @@ class MLflowLoggerAddon(LoggerAddOn):
         self.client.log_batch(self.run_id, metrics=metrics, tags=tags)
         if self.upload_best_checkpoint is not False:
             self._upload_best(trainer)
+
+    def _reopen(self, trainer: Any) -> bool:
+        from mlflow import MlflowClient
+
+        if self.run_id is not None:
+            if self.client is None:  # a run id restored from a checkpoint, in a new process
+                self.client = MlflowClient(self._resolve_uri())
+            self.client.get_run(self.run_id)  # raises (one warning) if the store does not have it
+            self._owns_run = False  # finished already: its status and end time stay as run() left them
+            return True
+        opened = self._open(trainer)  # test() before any run(): a new run for the results
+        if opened:
+            self._write_config(run_config(trainer))
+        return opened
+
+    def _write_test(self, trainer: Any, metrics: dict[str, float]) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        self._drain()  # a file store must not be written from two threads at once
+        self._test_ms = max(int(time.time() * 1000), self._test_ms + 1)
+        step = trainer.progress_checker.step
+        values = [Metric(_key(k), float(v), self._test_ms, step) for k, v in metrics.items()]
+        self.client.log_batch(self.run_id, metrics=values, tags=_tags(test_record(trainer)))
 
     def _close(self, outcome: str) -> None:
         client, run_id = self.client, self.run_id

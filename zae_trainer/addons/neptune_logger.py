@@ -16,6 +16,15 @@ What it logs (as every logger, see :mod:`zae_trainer.addons._logging_common`): `
 ``interrupted``); ``sys/failed = True`` when the run raised or SIGINT/SIGTERM interrupted it.
 Non-finite values are skipped (Neptune 1.x rejects them, with a warning per value).
 
+``trainer.test()`` results are single values, assigned (not appended): ``test/<name>``
+(``test/loss``), ``test/step`` (the trainer's step), ``test/weights`` (``"best"``, ``"last"``, a
+path, or ``"current"``) and ``test/checkpoint`` (the file the weights came from, ``""`` when
+none was loaded); a later call replaces them. Called after ``run()`` stopped its run, the add-on
+opens the same run again (offline: the same ``custom_run_id``, a new folder that ``neptune
+sync`` merges; with a server: ``with_id``, not run against a server here), assigns the results
+and stops it (``sys/failed``, set when training failed, stays); called before any ``run()``, it
+starts a run for them.
+
 Resuming (``resume_run=True``): Neptune accepts only increasing steps in a series, so after a
 crash the server would reject the replay of every step the dead process logged past its last
 checkpoint. Offline, each process also writes ``zae_trainer/custom_run_id``; a resumed process
@@ -55,6 +64,8 @@ from ._logging_common import (
     check_web_logger,
     epoch_record,
     is_finite_number,
+    run_config,
+    test_record,
 )
 
 __all__ = ["NeptuneLoggerAddon", "read_offline_run", "offline_run_folders", "merge_offline_runs",
@@ -102,6 +113,7 @@ class NeptuneLoggerAddon(LoggerAddOn):
 
     name = "neptune_logger"
     backend = "Neptune"
+    test_needs_session = True
 
     def __init__(
         self,
@@ -174,7 +186,7 @@ class NeptuneLoggerAddon(LoggerAddOn):
         self.custom_run_id = kwargs.get("custom_run_id", self.custom_run_id)
         pc = trainer.progress_checker
         if mode == "offline" and self.custom_run_id:
-            if self.resume_run and pc.step > 0:
+            if self.resume_run and pc.step > 0 and not self._test_session:
                 self._rewind_offline(pc.step)
             run[RUN_KEY_FIELD] = self.custom_run_id  # how a later process finds this run's folders
         return True
@@ -213,6 +225,25 @@ class NeptuneLoggerAddon(LoggerAddOn):
     def _write_epoch(self, step: int, epoch: int, metrics: dict[str, float]) -> None:
         self._write_step(step, epoch_record(epoch, metrics))
 
+    def _reopen(self, trainer: Any) -> bool:
+        fresh = self.run_id is None and self.custom_run_id is None  # test() before any run()
+        opened = self._open(trainer)  # the last run again: _init_arguments names it in a test session
+        if opened and fresh:
+            self._write_config(run_config(trainer))
+        return opened
+
+    def _write_test(self, trainer: Any, metrics: dict[str, float]) -> None:
+        run = self._run
+        for key, value in metrics.items():
+            if is_finite_number(value):
+                run[key] = value
+            else:  # Neptune 1.x stores no NaN/Inf; the text says what it was, not an earlier call's value
+                run[key] = repr(value)
+        run["test/step"] = trainer.progress_checker.step
+        for key, text in test_record(trainer).items():
+            run[key] = text
+        run.wait(disk_only=True)
+
     def _write_summary(self, trainer: Any, summary: dict[str, Any]) -> None:
         self._run["summary"] = _neptune_values(summary)
         if self.upload_best_checkpoint:
@@ -237,9 +268,10 @@ class NeptuneLoggerAddon(LoggerAddOn):
         if "with_id" in kwargs or "custom_run_id" in kwargs:
             return kwargs
         mode = kwargs.get("mode") or os.environ.get("NEPTUNE_MODE", "async")
-        if self.resume_run and self.run_id and mode != "offline" and not self.run_id.startswith("OFFLINE"):
+        resume = self.resume_run or self._test_session  # a test() after run() writes into the same run
+        if resume and self.run_id and mode != "offline" and not self.run_id.startswith("OFFLINE"):
             kwargs["with_id"] = self.run_id
-        elif self.resume_run and self.custom_run_id:
+        elif resume and self.custom_run_id:
             kwargs["custom_run_id"] = self.custom_run_id
         else:  # a fresh run gets its own id, so an offline run can be resumed later
             kwargs["custom_run_id"] = uuid.uuid4().hex

@@ -6,6 +6,16 @@ metrics as ``epoch/<name>`` plus ``epoch/index`` (1-based) at each epoch end, an
 (``status``, ``epochs``, ``steps``, ``samples``, ``seconds``, ``process_seconds``,
 ``stop_reason``, ``best/metric``, ``best/value``, ``best/epoch``) in ``run.summary``.
 
+``trainer.test()`` results go where W&B users look for final numbers, the run's summary:
+``test/<name>`` (``test/loss``), ``test/weights`` (``"best"``, ``"last"``, a path, or
+``"current"`` for the model as it was) and ``test/checkpoint`` (the file the weights came from,
+``""`` when none was loaded). Each call is also a history row at ``trainer/step`` (as
+Lightning's W&B logger does), so two calls (best, then last weights) both stay in the history
+while the summary holds the latest. Called after ``run()`` finished its run, the add-on resumes
+that same run (``id=<run_id>, resume="allow"``; offline, a new ``offline-run-*`` folder of the
+same id, which ``wandb sync`` merges), writes, and finishes it again with the exit code training
+had; called before any ``run()``, it starts a run for the results.
+
 The run is the user's if there is one. When ``wandb.run`` is set (the user called
 ``wandb.init()`` before training), the add-on logs into that run, adds its configuration
 without overriding the user's keys, and never finishes it. Otherwise it starts a run and makes
@@ -53,6 +63,7 @@ from ._logging_common import (
     check_web_logger,
     epoch_record,
     run_config,
+    test_record,
 )
 
 __all__ = ["WandBLoggerAddon", "LoggingBackendWarning", "STEP_METRIC", "EPOCH_METRIC"]
@@ -106,6 +117,7 @@ class WandBLoggerAddon(LoggerAddOn):
 
     name = "wandb_logger"
     backend = "W&B"
+    test_needs_session = True
 
     def __init__(
         self,
@@ -220,6 +232,16 @@ class WandBLoggerAddon(LoggerAddOn):
         self._declare({EPOCH_METRIC: epoch}, STEP_METRIC)
         self._run.log({**record, STEP_METRIC: step})
 
+    def _reopen(self, trainer: Any) -> bool:
+        # the user's active run if there is one, else this add-on's last run, resumed by id
+        # (_init_arguments adds it while the test session is open), else a new one
+        return self._open(trainer)
+
+    def _write_test(self, trainer: Any, metrics: dict[str, float]) -> None:
+        self._declare(metrics, STEP_METRIC)
+        self._run.log({**metrics, STEP_METRIC: trainer.progress_checker.step})
+        self._run.summary.update({**metrics, **test_record(trainer)})
+
     def _declare(self, record: Mapping[str, Any], axis: str) -> None:
         """Give each metric not seen yet in this run its x-axis (once per name)."""
         for key in record:
@@ -262,8 +284,10 @@ class WandBLoggerAddon(LoggerAddOn):
             # Not "create_new" (it leaves wandb.run unset, so the user's wandb.log would fail),
             # not "finish_previous" (the notebook default, which would finish the user's runs).
             kwargs.setdefault("reinit", "return_previous")
-        if self.resume_run and self.run_id and "id" not in kwargs:
+        if self.run_id and "id" not in kwargs and (self.resume_run or self._test_session):
             kwargs["id"] = self.run_id
+            kwargs.setdefault("resume", "allow")
+        elif self._test_session and kwargs.get("id") == self.run_id:  # your id: the run to resume for test()
             kwargs.setdefault("resume", "allow")
         return kwargs
 
