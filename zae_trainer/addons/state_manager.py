@@ -373,8 +373,10 @@ class StateManagerAddon(AddOn):
         """Write the unwrapped model's weights alone (zae-engine's ``save_model``).
 
         The format follows the extension (``.safetensors`` / ``.safetensor`` → safetensors,
-        anything else → a ``torch.save`` state dict), then ``save_format``.
+        anything else → a ``torch.save`` state dict), then ``save_format``. A sharded (FSDP)
+        model is gathered first, a collective: then every rank must call this.
         """
+        weights = full_model_state_dict(self.trainer.raw_model)  # model.state_dict() unless sharded
         if not self.trainer.is_main_process:
             return None
         path = os.fspath(filename)
@@ -383,7 +385,7 @@ class StateManagerAddon(AddOn):
         )
         folder = os.path.dirname(os.path.abspath(path))
         os.makedirs(folder, exist_ok=True)
-        write_weights(path, self.trainer.raw_model.state_dict(), fmt, self._weights_metadata())
+        write_weights(path, weights, fmt, self._weights_metadata())
         return path
 
     def export_weights(self, filename: PathLike, source: PathLike | None = None) -> str | None:
