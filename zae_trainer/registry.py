@@ -37,6 +37,7 @@ BUILTIN_ADDONS: dict[str, str] = {
     "neptune": "zae_trainer.addons.neptune_logger:NeptuneLoggerAddon",
     "mlflow": "zae_trainer.addons.mlflow_logger:MLflowLoggerAddon",
     "multi_gpu": "zae_trainer.addons.multi_gpu:MultiGPUAddon",
+    "fsdp": "zae_trainer.addons.distributed.fsdp:FSDPAddon",
     "accelerate": "zae_trainer.addons.accelerate:AccelerateAddon",
 }
 
