@@ -215,8 +215,6 @@ def test_configurations_that_cannot_work_are_refused_before_any_process_starts(t
     with pytest.raises(TrainerConfigError, match="save_every_n_epochs"):
         stack_trainer(FSDPAddon, StateManagerAddon, world_size=2, save_path=str(tmp_path), save_format="dcp",
                       save_every_n_steps=2)
-    with pytest.raises(TrainerConfigError, match="already trains on the CPU"):
-        stack_trainer(FSDPAddon(cpu_offload=True))
     with pytest.raises(AddOnDefinitionError, match="conflict"):
         StackTrainer.add_on(FSDPAddon, MultiGPUAddon)
 

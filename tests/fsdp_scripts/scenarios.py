@@ -104,11 +104,11 @@ def resume_then_kill(rank: int, out: str) -> None:
 SCENARIOS: dict[str, Callable[[int, str], None]] = {"resume": resume, "kill": kill, "resume_then_kill": resume_then_kill}
 
 
-def _worker(rank: int, name: str, out: str, port: int, timeout: float) -> None:
+def _worker(rank: int, name: str | Callable[[int, str], None], out: str, port: int, timeout: float) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
                             timeout=datetime.timedelta(seconds=timeout))
     try:
-        SCENARIOS[name](rank, out)
+        (SCENARIOS[name] if isinstance(name, str) else name)(rank, out)
     except BaseException as exc:
         with open(os.path.join(out, f"error-{rank}.txt"), "w") as fh:
             fh.write(f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
@@ -117,8 +117,10 @@ def _worker(rank: int, name: str, out: str, port: int, timeout: float) -> None:
         dist.destroy_process_group()
 
 
-def launch(name: str, out: str, timeout: float = 20.0, deadline: float = 240.0) -> list[int | None]:
-    """Run scenario ``name`` on two processes; return their exit codes (None: still running, killed)."""
+def launch(name: str | Callable[[int, str], None], out: str, timeout: float = 20.0,
+           deadline: float = 240.0) -> list[int | None]:
+    """Run scenario ``name`` (or a module-level function ``(rank, out)``) on two processes;
+    return their exit codes (None: still running, killed)."""
     import time
 
     import torch.multiprocessing as mp

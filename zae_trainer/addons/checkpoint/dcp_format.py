@@ -209,14 +209,12 @@ def save_dcp(manager: "StateManagerAddon", reasons: list[str], wait_for_write: b
     writer.wait()  # the previous (async) save is published before the next begins
     rank, world = _rank(), _world()
     if world > 1 and reasons[0] in ("interrupt", "exception"):
-        warnings.warn(
-            f"no emergency checkpoint ({reasons[0]}): a sharded (dcp) checkpoint needs every rank at the same step, "
-            "and a failing or interrupted rank cannot know that the others are there. Resume from the last "
-            "periodic checkpoint.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        return None
+        why = _no_emergency_save_because(trainer, reasons[0])
+        if why is not None:
+            if not getattr(manager, "_zt_dcp_refusal_warned", False):  # once per state manager
+                manager._zt_dcp_refusal_warned = True
+                warnings.warn(f"no emergency checkpoint ({reasons[0]}): {why}", RuntimeWarning, stacklevel=3)
+            return None
     if world > 1 and "step" in reasons:
         raise TrainerConfigError(
             "save_every_n_steps with save_format='dcp' and several processes: step checkpoints are taken at rank 0's "
@@ -291,14 +289,52 @@ def save_dcp(manager: "StateManagerAddon", reasons: list[str], wait_for_write: b
     return final if rank == 0 else None
 
 
+def _no_emergency_save_because(trainer: Any, reason: str) -> str | None:
+    """Why several ranks cannot write an emergency checkpoint now (None: they can).
+
+    A dcp save is a collective: every rank must enter it at the same step. A signal is agreed
+    by the ranks first (MultiGPUAddon / FSDPAddon / AccelerateAddon stop every rank at the same
+    batch boundary, see :mod:`~zae_trainer.addons.distributed.stop`), so all of them reach
+    ``Event.INTERRUPT`` together and can save. An exception is raised by one rank on its own:
+    the others may be fine, failing elsewhere, or blocked in a collective this rank never joins.
+    """
+    if reason == "exception":
+        return (
+            "a sharded (dcp) checkpoint is written by every rank together, and a rank that raised cannot know "
+            "whether the others are at the same step, failing too, or waiting in a collective it will never join; "
+            "trying would hang until the collective timeout. The last checkpoint all ranks finished is intact: "
+            "resume from it (resume='latest'). SIGINT/SIGTERM are agreed by all ranks and do get an emergency "
+            "dcp checkpoint."
+        )
+    from ...trainer import Trainer
+
+    if type(trainer).agree_to_stop is Trainer.agree_to_stop:
+        return (
+            "this process group has several ranks but no strategy that makes them agree on stopping (each rank "
+            "stops at its own batch), so they cannot write one checkpoint together. To fix, train through "
+            "MultiGPUAddon or FSDPAddon, whose ranks stop at the same batch for a signal."
+        )
+    return None
+
+
 def _checkpoint_group(manager: Any) -> Any:
-    """A gloo group for background checkpoint collectives, apart from training's (created once)."""
+    """A gloo group for background checkpoint collectives, apart from training's (created once).
+
+    Its timeout is the strategy's ``collective_timeout`` (when there is one), so a rank that
+    died mid-save ends the others' background write in bounded time, not after 30 minutes.
+    """
     if not _distributed():
         return None
-    group = getattr(manager, "_zt_dcp_group", None)
-    if group is None:
-        group = dist.new_group(backend="gloo")
-        manager._zt_dcp_group = group
+    default = dist.distributed_c10d._get_default_group()
+    owner, group = getattr(manager, "_zt_dcp_group", (None, None))
+    if group is None or owner is not default:  # none yet, or made in a process group destroyed since
+        import datetime
+
+        seconds = next((float(a.collective_timeout) for a in manager.trainer.addon_instances
+                        if isinstance(getattr(a, "collective_timeout", None), (int, float))), None)
+        timeout = datetime.timedelta(seconds=seconds) if seconds is not None else None
+        group = dist.new_group(backend="gloo", timeout=timeout)
+        manager._zt_dcp_group = (default, group)
     return group
 
 
