@@ -122,7 +122,8 @@ class _DistributedStrategy:
 
     def agree_to_stop(self, pending: int | None, *, phase_end: bool = False) -> int | None:
         pending = super().agree_to_stop(pending, phase_end=phase_end)  # type: ignore[misc]
-        return self.addon_of(MultiGPUAddon).agree(pending, phase_end)  # type: ignore[attr-defined,no-any-return]
+        addon = self.addon_of(MultiGPUAddon)  # type: ignore[attr-defined]
+        return addon.agree(pending, phase_end, self.phase)  # type: ignore[attr-defined,no-any-return]
 
     @property
     def is_main_process(self) -> bool:
@@ -336,13 +337,14 @@ class MultiGPUAddon(AddOn):
     # ==================================================================================
     # What the strategy methods ask
     # ==================================================================================
-    def agree(self, pending: int | None, phase_end: bool) -> int | None:
+    def agree(self, pending: int | None, phase_end: bool, phase: str) -> int | None:
         """The signal every rank stops for at this boundary (the same on all), or None.
 
         Training batches agree one batch behind without blocking; other phases defer a
-        signal to their end, where the ranks agree once, blocking.
+        signal to their end, where the ranks agree once, blocking. ``phase`` is the trainer's
+        (passed in: this runs per batch, where ``self.trainer``, a weak reference, is not read).
         """
-        return agree_in_phase(self._stop_agreement, self.trainer.phase, pending, phase_end)
+        return agree_in_phase(self._stop_agreement, phase, pending, phase_end)
 
     def wrap(self, model: nn.Module) -> nn.Module:
         """``DistributedDataParallel(model)`` in a process group, when training."""
