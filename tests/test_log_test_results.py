@@ -169,3 +169,33 @@ def test_mlflow_test_before_any_run_creates_a_run_and_a_failing_store_only_warns
     assert again == metrics  # test() is unharmed
     [warning] = [w for w in caught if issubclass(w.category, LoggingBackendWarning)]
     assert "MLflow logging failed to record test results" in str(warning.message)
+
+
+@pytest.mark.usefixtures("file_store")
+def test_mlflow_test_called_inside_run_goes_into_the_open_run(tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    from zae_trainer import AddOn
+    from zae_trainer.addons.mlflow_logger import MLflowLoggerAddon
+
+    class TestsEachEpoch(AddOn):
+        """Calls trainer.test() while run() is in progress; order 200: after the logger's EPOCH_END."""
+
+        name = "tests_each_epoch"
+        order = 200
+
+        def __init__(self) -> None:
+            self.results: list[tuple[int, float]] = []
+
+        def on_epoch_end(self, trainer: Any) -> None:
+            metrics = trainer.test(tiny_loader(16, seed=7))
+            self.results.append((trainer.progress_checker.step, metrics["test/loss"]))
+
+    store = tmp_path / "mlruns"
+    trainer = tiny_trainer(TinyRegressionTrainer.add_on(MLflowLoggerAddon(tracking_uri=str(store)), TestsEachEpoch))
+    trainer.run(2, tiny_loader())
+    client = MlflowClient(f"file:{store}")
+    [run] = client.search_runs(["0"])  # no second run was opened
+    history = sorted(client.get_metric_history(run.info.run_id, "test/loss"), key=lambda m: m.timestamp)
+    assert [(m.step, m.value) for m in history] == trainer.get_addon(TestsEachEpoch).results
+    assert [m.step for m in history] == [6, 12] and run.info.status == "FINISHED"

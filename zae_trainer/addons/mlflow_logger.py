@@ -47,7 +47,10 @@ Why it does not stall: metrics go through MLflow's asynchronous logging
 never holds a step. Creating the run and the final wait for the queue each take at most
 ``timeout`` seconds; past that the add-on gives up with one warning (what is queued may be
 lost) and training goes on. Like every logger, a failing MLflow call disables the add-on for
-the run with one warning and never stops training.
+the run with one warning and never stops training. A local folder (MLflow's file store) is
+written synchronously instead: a disk append does not stall, and the file store is not safe for
+the queue's parallel writers (two batches creating the same metric folder at once fail with
+``File exists`` and lose their values).
 
 Why it sets ``MLFLOW_HTTP_REQUEST_BACKOFF_JITTER=0`` (``setdefault``: a value you set wins):
 MLflow's HTTP retries add a jitter drawn from Python's global :mod:`random`, in MLflow's own
@@ -314,9 +317,11 @@ class MLflowLoggerAddon(LoggerAddOn):
 
     def _log_metrics(self, values: Mapping[str, Any], step: int) -> None:
         metrics = self._metrics(values, step)
+        uri = str(self.client.tracking_uri)
+        local = uri.startswith("file:") or "://" not in uri  # the file store: see the module docstring
         for i in range(0, len(metrics), _METRICS_PER_BATCH):
             operation = self.client.log_batch(self.run_id, metrics=metrics[i:i + _METRICS_PER_BATCH],
-                                              synchronous=False)
+                                              synchronous=local)
             if operation is not None:
                 self._pending.append(operation)
 
