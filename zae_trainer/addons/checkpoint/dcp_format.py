@@ -212,7 +212,7 @@ def save_dcp(manager: "StateManagerAddon", reasons: list[str], wait_for_write: b
         why = _no_emergency_save_because(trainer, reasons[0])
         if why is not None:
             if not getattr(manager, "_zt_dcp_refusal_warned", False):  # once per state manager
-                manager._zt_dcp_refusal_warned = True
+                setattr(manager, "_zt_dcp_refusal_warned", True)
                 warnings.warn(f"no emergency checkpoint ({reasons[0]}): {why}", RuntimeWarning, stacklevel=3)
             return None
     if world > 1 and "step" in reasons:
