@@ -30,6 +30,11 @@ listing picks up (removed by the next run) and the previous checkpoint as the la
 (copied) on the training thread, written in the background, and published (barrier, rename,
 manifest) by the state manager's writer thread; the next save, a load and the end of the run
 wait for it.
+
+Emergency checkpoints with several ranks: on SIGINT/SIGTERM, yes (the strategy has made every
+rank stop after the same batch, so all of them enter the save together); on an exception, no
+(one rank's failure says nothing about where the others are; a save would hang until the
+collective timeout), with one warning saying why. See :func:`_no_emergency_save_because`.
 """
 
 from __future__ import annotations

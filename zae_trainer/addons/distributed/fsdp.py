@@ -32,6 +32,9 @@ During training:
 Checkpoints: use ``StateManagerAddon(save_format="dcp")`` (every rank writes its shards
 through ``torch.distributed.checkpoint``; loadable with any number of ranks, one included).
 The single-file formats would need the whole model on rank 0 and are refused with an error.
+A SIGINT/SIGTERM writes an emergency dcp checkpoint (the ranks agree to stop at the same
+batch); an exception on one rank does not (the others cannot be reached), with a warning.
+``trainer.save_model`` / ``export_weights`` gather the full weights (call them on every rank).
 After a spawned run, the caller's (unsharded) trainer receives the full, gathered state.
 """
 
