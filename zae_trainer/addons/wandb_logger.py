@@ -53,6 +53,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -195,12 +196,12 @@ class WandBLoggerAddon(LoggerAddOn):
 
         kwargs = self._init_arguments(trainer, wandb)
         try:
-            run = wandb.init(**kwargs)
+            run = self._init(wandb, kwargs)
         except Exception as exc:
             if not self.offline_fallback or kwargs.get("mode") in ("offline", "disabled"):
                 raise
             kwargs["mode"] = "offline"
-            run = wandb.init(**kwargs)
+            run = self._init(wandb, kwargs)
             self._warn(
                 f"W&B could not start online ({type(exc).__name__}: {_first_line(exc)}); logging offline to "
                 f"{os.path.dirname(run.dir)} instead. To upload it later: wandb sync {os.path.dirname(run.dir)}"
@@ -215,6 +216,43 @@ class WandBLoggerAddon(LoggerAddOn):
             run.define_metric(STEP_METRIC)
             run.define_metric("*", step_metric=STEP_METRIC, step_sync=True)
         return True
+
+    def _init(self, wandb: Any, kwargs: dict[str, Any]) -> Any:
+        """``wandb.init(**kwargs)``; a resumed run still held by a killed process is freed first.
+
+        Why: W&B's service (``wandb-core``) is shared by a process and the processes it starts
+        (through the ``WANDB_SERVICE`` variable they inherit), and it holds each run's stream
+        until the process that opened the run finishes it. A process killed by SIGKILL or the
+        OOM killer never does, so a resume of its run through the same service (the launcher
+        or notebook that started it, or its next child) fails with "run ID ... is in use", and
+        the killed process's last rows stay in the service's memory, not in its run folder.
+        Finishing that stream writes them out and frees the ID; the resumed run then starts.
+        A run can only be held by one process at a time, so a process still logging to it would
+        lose its W&B run here (it warns and trains on): resume a run only after its process ended.
+        """
+        try:
+            return wandb.init(**kwargs)
+        except Exception as exc:
+            run_id = kwargs.get("id")
+            if not (run_id and kwargs.get("resume") and f"run ID {run_id} is in use" in str(exc)):
+                raise
+            if not _finish_stream(run_id):
+                raise RuntimeError(
+                    f"W&B run {run_id} is held by another process through the shared W&B service "
+                    f"(WANDB_SERVICE={os.environ.get('WANDB_SERVICE', '')!r}), most likely the one that logged it "
+                    "before it was killed, and this wandb version offers no way to free it. To fix, resume it "
+                    "from a process that does not inherit WANDB_SERVICE (unset it), or upgrade wandb (>= 0.31)."
+                ) from exc
+            _log.warning("W&B: run %s was still held by a process that ended without finishing it (killed?); "
+                         "finished its stream (its rows are now on disk) to resume the run here", run_id)
+        deadline = time.monotonic() + self.init_timeout
+        while True:  # the service frees the stream asynchronously
+            try:
+                return wandb.init(**kwargs)
+            except Exception as exc:
+                if "is in use" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
 
     def _adopt(self, run: Any, owned: bool) -> None:
         self._run = run
@@ -317,6 +355,22 @@ def _version(text: str) -> tuple[int, ...]:
         digits = "".join(ch for ch in piece if ch.isdigit())
         parts.append(int(digits) if digits else 0)
     return tuple(parts)
+
+
+def _finish_stream(run_id: str) -> bool:
+    """Ask this process's W&B service to finish run ``run_id``'s stream; False if wandb has no such call.
+
+    wandb has no public call for it; ``ServiceConnection.inform_finish`` is what ``run.finish``
+    sends, tested with wandb 0.31.
+    """
+    try:
+        from wandb.sdk import wandb_setup
+
+        wandb_setup.singleton().ensure_service().inform_finish(run_id=run_id)
+    except (ImportError, AttributeError, TypeError) as exc:
+        _log.debug("W&B: cannot finish the stream of run %s (%r)", run_id, exc)
+        return False
+    return True
 
 
 def _first_line(exc: BaseException) -> str:
