@@ -7,7 +7,8 @@ Configured as in zae-engine, by one ``web_logger`` dict shared by both::
 Each add-on opens its run when the trainer is built (``trainer.web_logger["wandb"]`` /
 ``["neptune"]``, each with zae-engine's ``is_live()``), logs every batch's scalar outputs
 from :meth:`~zae_trainer.compat.Trainer.logging` (training and validation, under the step's
-own keys: ``loss``, ``acc``), and finishes the run when the trainer is garbage-collected.
+own keys: ``loss``, ``acc``), and finishes the run when the trainer is freed: at ``del trainer``
+(or when its last reference goes), since nothing in a trainer forms a reference cycle.
 
 Fixed from zae-engine: both add-ons receive ``web_logger`` (zae-engine's popped it, so with
 both installed only one started, and W&B then logged into Neptune's run); the dict you pass
