@@ -1,8 +1,10 @@
 """trainer.test() results in W&B, Neptune and MLflow, read back from what the real clients wrote.
 
-Every case tests after ``run()`` has closed the backend's run, twice (best weights, then the last
+Most cases test after ``run()`` has closed the backend's run, twice (best weights, then the last
 ones), so the logger must reopen the same run, and a later call must neither clobber the
 earlier one where the backend keeps history nor leave it half-visible where it keeps one value.
+Others: a failed run reopened (its failed mark stays), test() before any run() (a run is made
+for it), test() inside run() (the open run), and a store that refuses the write (one warning).
 """
 
 from __future__ import annotations
@@ -88,7 +90,9 @@ def test_wandb_reopened_failed_run_keeps_its_failed_exit_code(tmp_path: Path) ->
 # ======================================================================================
 # Neptune
 # ======================================================================================
-def test_neptune_assigns_single_values_in_the_same_run_reopened(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_neptune_assigns_single_values_in_the_same_run_reopened(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     pytest.importorskip("neptune")
     from zae_trainer.addons.neptune_logger import (
         RUN_KEY_FIELD,
