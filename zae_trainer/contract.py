@@ -55,6 +55,13 @@ they keep their own state in their own attributes, never in the trainer's ``__di
 Strategy add-ons that place the run on devices (DDP, Accelerate) may, in ``setup`` or
 ``wrap_model``, assign ``device``, ``devices``, ``primary_device_index``, ``model`` and
 ``optimizer``: those are plain attributes for that reason.
+
+References run one way, from the trainer to its add-ons. An add-on reaches its trainer through
+the ``trainer`` argument every hook receives; ``AddOn.trainer`` (for exported methods such as
+``save_state()``) is a weak reference behind a property, dereferenced at each access, so per-step
+code uses the argument. Nothing an add-on stores may hold the trainer strongly (a bound method
+of it, a closure over it): that would be a cycle, and ``del trainer`` would no longer free the
+trainer, its model and its loggers' runs at once (``tests/test_lifecycle_refs.py``).
 """
 
 from __future__ import annotations
