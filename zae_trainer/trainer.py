@@ -644,7 +644,7 @@ class Trainer(metaclass=TrainerMeta):
         per_epoch = max(1, math.ceil(length / self.accumulate_grad_batches))
         return max(1, math.ceil((steps + self.progress_checker.batch_in_epoch // self.accumulate_grad_batches) / per_epoch))
 
-    def _batch_end_caller(self) -> Callable[[], None] | None:
+    def _batch_end_caller(self) -> Callable[[Any], None] | None:
         """What the loop calls at ``TRAIN_BATCH_END``: the add-ons' hooks, plus the step watch
         when this run has a step limit or step-driven validation (otherwise nothing is added)."""
         addons = self._fire_addon_batch_end
