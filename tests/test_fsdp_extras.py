@@ -175,6 +175,11 @@ def test_sigkill_inside_a_background_dcp_write_leaves_the_previous_checkpoint(ex
     assert len(leftovers) == 1 and leftovers[0].startswith(".epoch0002")  # half-written, never listed
     alone, path = _read_alone(folder)
     assert path == str(folder / "epoch0001-step0000002") and alone.progress_checker.step == 2
+    # The surviving rank reported the failed background write (as its error, or as a warning
+    # when it failed first in a training collective), rather than losing it.
+    survivor = _load(killed / "async-killed-0.pt")
+    reports = [survivor["error"], *survivor["warnings"]]
+    assert any("background write of checkpoint" in r and "epoch0002-step0000004" in r for r in reports), reports
 
 
 # ======================================================================================

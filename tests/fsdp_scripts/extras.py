@@ -266,9 +266,13 @@ def kill_during_async_save(rank: int, out: str) -> None:
     train, valid = _loaders()
     trainer = stack_trainer(FSDPAddon, StateManagerAddon, KillInBackgroundWrite,
                             **_dcp(os.path.join(out, "async-killed"), async_save=True), **SETTINGS)
+    error = ""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             trainer.run(4, train, valid)
+        except BaseException as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            raise
         finally:
-            _save({"warnings": [str(w.message) for w in caught]}, out, f"async-killed-{rank}.pt")
+            _save({"error": error, "warnings": [str(w.message) for w in caught]}, out, f"async-killed-{rank}.pt")

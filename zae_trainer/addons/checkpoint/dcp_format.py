@@ -211,15 +211,15 @@ def save_dcp(manager: "StateManagerAddon", reasons: list[str], wait_for_write: b
 
     trainer = manager.trainer
     writer = manager._writer
-    writer.wait()  # the previous (async) save is published before the next begins
     rank, world = _rank(), _world()
     if world > 1 and reasons[0] in ("interrupt", "exception"):
         why = _no_emergency_save_because(trainer, reasons[0])
-        if why is not None:
+        if why is not None:  # said before waiting for a background write, which may be what failed
             if not getattr(manager, "_zt_dcp_refusal_warned", False):  # once per state manager
                 setattr(manager, "_zt_dcp_refusal_warned", True)
                 warnings.warn(f"no emergency checkpoint ({reasons[0]}): {why}", RuntimeWarning, stacklevel=3)
             return None
+    writer.wait()  # the previous (async) save is published before the next begins
     if world > 1 and "step" in reasons:
         raise TrainerConfigError(
             "save_every_n_steps with save_format='dcp' and several processes: step checkpoints are taken at rank 0's "
