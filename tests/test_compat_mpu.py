@@ -12,7 +12,9 @@ trainer holds the result.
 
 from __future__ import annotations
 
+import gc
 import os
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -101,3 +103,11 @@ def test_zae_engine_multi_gpu_usage_on_two_gloo_processes_trains_like_one_proces
     assert saved.keys() == expected.keys()
     for name, value in expected.items():
         torch.testing.assert_close(saved[name], value, rtol=1e-5, atol=1e-6)
+    # Nothing the launch left behind keeps the trainer alive: del frees it by reference counting.
+    watched = [weakref.ref(o) for o in (trainer, *trainer.addon_instances)]
+    gc.disable()
+    try:
+        del trainer
+        assert [ref() for ref in watched] == [None] * len(watched)
+    finally:
+        gc.enable()
