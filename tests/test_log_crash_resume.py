@@ -34,17 +34,17 @@ from crash_resume_setup import build_trainer, train  # noqa: E402
 from logging_helpers import MetricTap  # noqa: E402
 from logging_readers import read_wandb_run, wandb_run_files  # noqa: E402
 from zae_trainer.addons.local_logger import read_jsonl  # noqa: E402
-from zae_trainer.addons.wandb_logger import LoggingBackendWarning  # noqa: E402
+from zae_trainer.addons.wandb_logger import LoggingBackendWarning, WandBLoggerAddon  # noqa: E402
 from zae_trainer.addons.neptune_logger import merge_offline_runs, offline_run_folders, read_offline_run  # noqa: E402
-from zae_trainer.testing import TinyRegressionTrainer  # noqa: E402
+from zae_trainer.testing import TinyRegressionTrainer, tiny_loader, tiny_trainer  # noqa: E402
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]  # generous: a loaded 2-core CI machine
 
 SCRIPT = Path(__file__).parent / "logging_scripts" / "train_until_killed.py"
 REPLAYED = [8, 10, 12, 14, 16, 18]
 
 
-def _wait_for(what: str, ready: Callable[[], bool], child: subprocess.Popen[bytes], timeout: float = 150) -> None:
+def _wait_for(what: str, ready: Callable[[], bool], child: subprocess.Popen[bytes], timeout: float = 240) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if child.poll() is not None:
@@ -153,6 +153,58 @@ def test_wandb_keeps_every_replayed_row_on_the_declared_step(crashed_and_resumed
     # freeing the killed process's run flushed it, and left it as it was: its rows, no exit
     doomed = read_wandb_run(doomed_file, wait_for_exit=False)
     assert doomed.steps() == [2, 4, 6, 8, 10] and doomed.exit_code is None
+
+
+#: A process that opens W&B run argv[2] offline under argv[1], logs three rows, says so, and waits to be killed.
+_KILLED_RUN = """
+import pathlib, sys, time, wandb
+root, run_id = pathlib.Path(sys.argv[1]), sys.argv[2]
+run = wandb.init(project="zt-crash", mode="offline", dir=str(root), id=run_id, reinit="return_previous")
+for x in (1, 2, 3):
+    run.log({"x": x})
+(root / "ready").write_text(run.dir)
+while True:
+    time.sleep(0.5)
+"""
+
+
+def test_a_run_held_by_a_killed_process_in_the_shared_wandb_service_is_resumed(tmp_path: Path) -> None:
+    """The W&B half of the fixture above in seconds: the killed process shared this process's
+    W&B service, which still holds its run; the add-on frees it, flushing its rows, and resumes."""
+    import wandb
+
+    wandb.setup()  # the service the killed process inherits (WANDB_SERVICE)
+    run_id = f"killed{os.getpid()}x{time.monotonic_ns() % 10**9}"  # unique, in W&B's id alphabet
+    child = subprocess.Popen([sys.executable, "-c", _KILLED_RUN, str(tmp_path), run_id], env=dict(os.environ),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for("its rows", lambda: (tmp_path / "ready").exists(), child, timeout=120)
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.wait(timeout=60)
+    killed_dir = os.path.dirname((tmp_path / "ready").read_text())
+
+    trainer = tiny_trainer(TinyRegressionTrainer.add_on(
+        WandBLoggerAddon(project="zt-crash", mode="offline", dir=str(tmp_path), resume_run=True), MetricTap))
+    trainer.get_addon("wandb_logger").load_state_dict({"run_id": run_id})  # what a checkpoint restores
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.run(1, tiny_loader())
+    assert [str(w.message) for w in caught if issubclass(w.category, LoggingBackendWarning)] == []
+    assert trainer.get_addon("wandb_logger").run_id == run_id
+
+    files = wandb_run_files(tmp_path, run_id)
+    [killed_file] = [f for f in files if f.startswith(killed_dir + os.sep)]
+    [resumed_file] = [f for f in files if f != killed_file]
+    resumed = read_wandb_run(resumed_file)
+    assert resumed.steps() == [2, 4, 6] and resumed.exit_code == 0
+    assert resumed.series("train/loss") == trainer.get_addon(MetricTap).expected_series("train/loss")
+    deadline = time.monotonic() + 60  # flushed when its stream was finished (the service closes it in the background)
+    while len((killed := read_wandb_run(killed_file, wait_for_exit=False)).rows) < 3 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert [row["x"] for row in killed.rows] == [1, 2, 3] and killed.exit_code is None
 
 
 def test_mlflow_keeps_every_replayed_row_in_the_same_run(crashed_and_resumed: dict[str, Any]) -> None:
