@@ -19,6 +19,7 @@ from torch import nn
 
 from core_helpers import TinyTrainer, tiny_loader
 from state_scripts.resumable_run import EPOCHS, make_loader, make_trainer, make_valid_loader, outcome
+from zae_trainer import AddOn
 from zae_trainer.addons import StateManagerAddon
 from zae_trainer.addons.checkpoint import CheckpointCorruptError, CheckpointWriteError, read_checkpoint
 from zae_trainer.addons.checkpoint.atomic import TEMP_MARK
@@ -165,6 +166,62 @@ def test_exception_writes_emergency_checkpoint_when_state_is_consistent(tmp_path
     with pytest.raises(RuntimeError, match="boom"):
         trainer.run(3, tiny_loader(n=40))  # 5 batches per epoch: step 4 is mid-epoch
     latest = manifest(tmp_path)["checkpoints"][-1]
+    assert latest["reasons"] == ["exception"] and latest["step"] == 4 and latest["batch_in_epoch"] == 4
+    saved = read_checkpoint(os.path.join(tmp_path, latest["name"]))
+    assert torch.equal(saved["model"]["weight"], model.weight.detach())
+
+
+class _FailingUpdate(TinyTrainer):
+    """Raises inside the optimizer phase at step 4: in the step itself, or in an AFTER_OPTIMIZER_STEP hook."""
+
+    where = "step"
+
+    def optimizer_step(self):
+        if self.progress_checker.step == 4 and self.where == "step":
+            raise RuntimeError("boom in the update")
+        super().optimizer_step()
+
+
+class _RaisesAfterStep(AddOn):
+    name = "raises_after_step"
+
+    def on_after_optimizer_step(self, trainer):
+        if trainer.progress_checker.step == 5:  # step 4's update is applied and counted, its hooks run
+            raise RuntimeError("boom after the update")
+
+
+@pytest.mark.parametrize("where", ["step", "after_step_hook"])
+def test_no_emergency_checkpoint_from_inside_an_optimizer_update(tmp_path, where):
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    trainer_cls = type("Failing", (_FailingUpdate,), {"where": where}).add_on(StateManagerAddon, _RaisesAfterStep)
+    trainer = trainer_cls(
+        model, "cpu", "train", torch.optim.SGD(model.parameters(), lr=0.1), None,
+        save_path=str(tmp_path), log_bar=False, handle_signals=False,
+    )
+    with pytest.warns(RuntimeWarning, match="no emergency checkpoint: the error came during an optimizer update"):
+        with pytest.raises(RuntimeError, match="boom"):
+            trainer.run(3, tiny_loader(n=40))  # 5 batches per epoch: step 4 is mid-epoch, nothing saved yet
+    assert not os.path.exists(os.path.join(tmp_path, "manifest.json"))
+
+
+def test_emergency_checkpoint_after_the_update_when_a_batch_end_hook_raises(tmp_path):
+    class RaisesAtBatchEnd(AddOn):
+        name = "raises_at_batch_end"
+
+        def on_train_batch_end(self, trainer):
+            if trainer.progress_checker.step == 4:
+                raise RuntimeError("boom at batch end")
+
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    trainer = TinyTrainer.add_on(StateManagerAddon, RaisesAtBatchEnd)(
+        model, "cpu", "train", torch.optim.SGD(model.parameters(), lr=0.1), None,
+        save_path=str(tmp_path), log_bar=False, handle_signals=False,
+    )
+    with pytest.raises(RuntimeError, match="boom at batch end"):
+        trainer.run(3, tiny_loader(n=40))
+    latest = manifest(tmp_path)["checkpoints"][-1]  # the update was complete: the state is consistent
     assert latest["reasons"] == ["exception"] and latest["step"] == 4 and latest["batch_in_epoch"] == 4
     saved = read_checkpoint(os.path.join(tmp_path, latest["name"]))
     assert torch.equal(saved["model"]["weight"], model.weight.detach())

@@ -7,7 +7,7 @@ the number of the step / epoch in progress, as zae-engine did.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 __all__ = ["ProgressChecker"]
@@ -75,7 +75,7 @@ class ProgressChecker:
     # -- checkpoint protocol ------------------------------------------------------
     def state_dict(self) -> dict[str, int]:
         """Plain ints only, so it fits every checkpoint format."""
-        return asdict(self)
+        return {f.name: getattr(self, f.name) for f in fields(self)}  # asdict's result, without its deep copies
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore counters; unknown keys are an error, missing ones keep their value."""

@@ -68,6 +68,7 @@ from typing import Any, Iterable, Literal
 
 from ..addon import AddOn
 from ..errors import AddOnHookError, NonFiniteLossError, TrainerConfigError
+from ..trainer import Trainer
 from .checkpoint.async_writer import AsyncWriter, detached_copy
 from .checkpoint.atomic import (
     finish_deletions,
@@ -252,7 +253,6 @@ class StateManagerAddon(AddOn):
         self._plan: ResumePlan | None = None
         self._epoch_start: dict[str, Any] | None = None
         self._resumed = False
-        self._updating = False  # between BEFORE_OPTIMIZER_STEP and TRAIN_BATCH_END
         self._last_step_saved = -1
 
     # ==================================================================================
@@ -291,12 +291,6 @@ class StateManagerAddon(AddOn):
             set_generator_states(trainer.loader, plan.generators)
             self._plan = None
         self._epoch_start = capture_epoch_start(trainer.loader)
-
-    def on_before_optimizer_step(self, trainer: Any) -> None:
-        self._updating = True
-
-    def on_train_batch_end(self, trainer: Any) -> None:
-        self._updating = False
 
     def on_log(self, trainer: Any, metrics: Mapping[str, float]) -> None:
         n = self.save_every_n_steps
@@ -588,7 +582,7 @@ class StateManagerAddon(AddOn):
             return "the loss was not finite, so the weights may be too"
         if trainer.optimizer is None:
             return "there is no training state (no optimizer)"
-        if self._updating:
+        if _raised_in_optimizer_update(exc) or original is not exc and _raised_in_optimizer_update(original):
             return "the error came during an optimizer update, which may be half applied"
         if trainer.progress_checker.batch_in_epoch % trainer.accumulate_grad_batches:
             return "the error came inside a gradient-accumulation group"
@@ -666,6 +660,22 @@ class StateManagerAddon(AddOn):
             + " | ".join(failures),
             manifest.path,
         )
+
+
+def _raised_in_optimizer_update(exc: BaseException) -> bool:
+    """Whether ``exc`` came from inside the trainer's optimizer phase: its ``BEFORE_OPTIMIZER_STEP``
+    hooks, the step, ``AFTER_OPTIMIZER_STEP`` hooks, a per-step scheduler or ``zero_grad``.
+
+    Read from the traceback once a run fails, so the loop pays nothing per step for it (no
+    hooks that only set a flag).
+    """
+    phases = (Trainer._optimizer_phase.__code__, Trainer._optimizer_phase_several.__code__)
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code in phases:
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def _is_named(source: str) -> bool:

@@ -17,7 +17,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Iterable, Sequence
 
 from .atomic import write_file_atomic
@@ -73,7 +73,8 @@ class Entry:
     saved_at: float = field(default_factory=time.time)
 
     def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
+        data = {f.name: getattr(self, f.name) for f in fields(self)}  # what asdict gives, without deep copies
+        data["reasons"] = list(self.reasons)
         data["metrics"] = {k: _finite_or_text(v) for k, v in self.metrics.items()}
         return data
 
@@ -139,9 +140,12 @@ class Manifest:
             "best": best.name if best else None,
             "mode": self.mode,
             "best_by": {m.metric: (b.name if (b := self.best(m.metric, m.mode)) else None) for m in self.monitors},
-            "checkpoints": [e.to_json() for e in self.entries],
         }
-        text = json.dumps(data, indent=1, allow_nan=False).encode("utf-8")
+        # One checkpoint per line, each line by json's C encoder (``indent=`` would switch the
+        # whole document to its pure-Python encoder, written at every save).
+        lines = [json.dumps(e.to_json(), allow_nan=False) for e in self.entries]
+        listed = "\n  " + ",\n  ".join(lines) + "\n " if lines else ""
+        text = (json.dumps(data, allow_nan=False)[:-1] + f',\n "checkpoints": [{listed}]}}\n').encode("utf-8")
         write_file_atomic(self.path, lambda f: f.write(text))
 
     # -- queries ------------------------------------------------------------------------

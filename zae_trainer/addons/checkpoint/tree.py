@@ -25,42 +25,84 @@ TAG = "__zt__"
 _SCALARS = (str, int, float, bool, type(None))
 
 
+class _NotPlain(Exception):
+    """Raised by :func:`_plain` at the first unsupported value, which it carries."""
+
+    def __init__(self, value: Any) -> None:
+        super().__init__()
+        self.value = value
+
+
 def to_plain(obj: Any, where: str = "checkpoint") -> Any:
     """Return ``obj`` with numpy scalars/arrays and paths converted; raise on anything else.
+
+    It runs at every checkpoint save over the whole non-model tree, so the walk builds no
+    key paths: only when a value is refused is the tree searched for where it sits.
 
     Raises
     ------
     TypeError
         Naming the key path of the first unsupported value and how to fix it.
     """
-    if isinstance(obj, torch.Tensor) or type(obj) in _SCALARS:
+    try:
+        return _plain(obj)
+    except _NotPlain as refused:
+        kind = type(refused.value)
+        path = _path_to(obj, refused.value)
+        raise TypeError(
+            f"{where}{path or ''} is a {kind.__module__}.{kind.__qualname__}; a checkpoint holds only tensors, "
+            "numbers, strings, booleans, None, and lists/tuples/dicts of them, so that it loads without "
+            "unpickling code. To fix, convert it (e.g. to a dict of numbers or a string) in the "
+            "state_dict/config that produced it."
+        ) from None
+
+
+def _plain(obj: Any) -> Any:
+    kind = type(obj)
+    if kind in _SCALARS or kind is torch.Tensor:  # the exact types a checkpoint is made of, first
+        return obj
+    if kind is dict:
+        return {k: _plain(v) for k, v in obj.items()}
+    if kind is list:
+        return [_plain(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
         return obj
     if isinstance(obj, (bool, int, float, str)):  # subclasses (TorchVersion, IntEnum) would need pickling
-        base = next(t for t in (bool, int, float, str) if isinstance(obj, t))
-        return base(obj)
+        return next(t for t in (bool, int, float, str) if isinstance(obj, t))(obj)
     if isinstance(obj, Mapping):
-        return {k: to_plain(v, f"{where}[{k!r}]") for k, v in obj.items()} if type(obj) is not OrderedDict else (
-            OrderedDict((k, to_plain(v, f"{where}[{k!r}]")) for k, v in obj.items())
-        )
+        if kind is OrderedDict:
+            return OrderedDict((k, _plain(v)) for k, v in obj.items())
+        return {k: _plain(v) for k, v in obj.items()}
     if isinstance(obj, torch.Size):
         return tuple(obj)
     if isinstance(obj, tuple):
-        return tuple(to_plain(v, f"{where}[{i}]") for i, v in enumerate(obj))
+        return tuple([_plain(v) for v in obj])
     if isinstance(obj, list):
-        return [to_plain(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+        return [_plain(v) for v in obj]
     if isinstance(obj, os.PathLike):
         return os.fspath(obj)
-    kind = type(obj)
     if kind.__module__ == "numpy":
         if hasattr(obj, "ndim") and getattr(obj, "ndim", 0) > 0:
             return torch.from_numpy(obj.copy())
         return obj.item()
-    raise TypeError(
-        f"{where} is a {kind.__module__}.{kind.__qualname__}; a checkpoint holds only tensors, numbers, "
-        "strings, booleans, None, and lists/tuples/dicts of them, so that it loads without unpickling "
-        "code. To fix, convert it (e.g. to a dict of numbers or a string) in the state_dict/config that "
-        "produced it."
-    )
+    raise _NotPlain(obj)
+
+
+def _path_to(tree: Any, target: Any) -> str | None:
+    """The key path (``['a'][0]``) of ``target`` inside ``tree``, found by identity; None if absent."""
+    if tree is target:
+        return ""
+    if isinstance(tree, Mapping):
+        items: Any = ((repr(k), v) for k, v in tree.items())
+    elif isinstance(tree, (list, tuple)) and not isinstance(tree, torch.Size):
+        items = ((str(i), v) for i, v in enumerate(tree))
+    else:
+        return None
+    for key, value in items:
+        found = _path_to(value, target)
+        if found is not None:
+            return f"[{key}]{found}"
+    return None
 
 
 def split(obj: Any, bucket_of: Callable[[str], dict[str, torch.Tensor]], path: str = "") -> Any:
