@@ -31,6 +31,7 @@ So the memory an epoch holds does not depend on its length: the running sums, at
 from __future__ import annotations
 
 import math
+import operator
 import sys
 import warnings
 import weakref
@@ -57,7 +58,10 @@ class Flushed:
 
     def first_nonfinite(self, key: str) -> tuple[int, float] | None:
         """(step, value) of the first non-finite ``key`` value in this flush, if any."""
-        for step, value in zip(self.steps, self.values.get(key, ())):
+        values = self.values.get(key, ())
+        if math.isfinite(sum(values)):  # NaN or Inf anywhere makes the sum non-finite
+            return None
+        for step, value in zip(self.steps, values):
             if not math.isfinite(value):
                 return step, value
         return None
@@ -139,7 +143,7 @@ class MetricAccumulator:
                 continue
             floats = _to_floats(pending)
             sizes = self._pending_sizes[key]
-            weighted = math.fsum(v * n for v, n in zip(floats, sizes))
+            weighted = math.fsum(map(operator.mul, floats, sizes))
             weight = float(sum(sizes))
             self._sums[key] += weighted
             self._weights[key] += weight
@@ -271,6 +275,14 @@ def _flatten(name: str, value: Any, out: dict[str, float], warn: Any) -> None:
 
 def _to_floats(values: list[Any]) -> list[float]:
     """One device-to-host transfer for the tensors among ``values``."""
+    try:  # the usual case at a log point: one scalar tensor per step, all of one shape
+        stacked = torch.stack(values)
+    except (TypeError, RuntimeError):  # numbers among them (record_metric, a resumed epoch), or mixed shapes
+        pass
+    else:
+        read = stacked.reshape(-1).tolist()
+        if len(read) == len(values):
+            return read if stacked.is_floating_point() else [float(v) for v in read]
     tensors = [(i, v) for i, v in enumerate(values) if isinstance(v, torch.Tensor)]
     if not tensors:
         return [float(v) for v in values]
