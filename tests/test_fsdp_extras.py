@@ -48,10 +48,24 @@ def extras(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     from fsdp_scripts.scenarios import launch
 
     out = tmp_path_factory.mktemp("fsdp-extras")
+    _sources_for_a_sharded_load(out)
     codes = launch(settings_and_signals, str(out), timeout=20.0, deadline=300.0)
     killed = tmp_path_factory.mktemp("fsdp-async-kill")
     kill_codes = launch(kill_during_async_save, str(killed), timeout=20.0, deadline=120.0)
     return {"out": out, "codes": codes, "killed": killed, "kill_codes": kill_codes}
+
+
+def _sources_for_a_sharded_load(out: Path) -> None:
+    """Files the ranks load into their sharded model: a save_format='ckpt' checkpoint written
+    by one process (other weights than the ranks' own), and weights of another model."""
+    import shutil
+
+    from fsdp_scripts.extras import BAD_WEIGHTS, ONE_CKPT
+
+    one = stack_trainer(StateManagerAddon, save_path=str(out / "one-process"), save_format="ckpt", seed=1)
+    one.run(1, stack_loader(16, 4))
+    shutil.copyfile(str(one.save_state()), out / ONE_CKPT)
+    torch.save({"inp.weight": torch.zeros(3, 3), "extra": torch.zeros(1)}, out / BAD_WEIGHTS)
 
 
 def _load(path: Path) -> Any:
@@ -201,6 +215,38 @@ def test_save_model_and_export_weights_of_a_sharded_model_write_full_weights(ext
         assert written.keys() == full.keys()
         for name, value in full.items():
             assert type(written[name]) is torch.Tensor and torch.equal(written[name], value), name
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_apply_weights_and_test_best_on_a_sharded_model_match_one_process(extras: dict[str, Any]) -> None:
+    from fsdp_scripts.extras import ONE_CKPT, TEST_LOADER
+
+    out = extras["out"]
+    ranks = [_load(out / f"best-{rank}.pt") for rank in (0, 1)]
+    assert ranks[0]["sharded"].startswith("FSDP")  # fully_shard really wrapped the model
+    folder = out / "offload"  # written by the 2 ranks with save_format="dcp"
+    alone = stack_trainer(StateManagerAddon, save_path=str(folder))  # one process, the same sources
+    best = json.loads((folder / "manifest.json").read_text())["best"]
+    sources = {"best": ("best", read_weights(str(folder / best))),  # a dcp folder, named "best"
+               "ckpt": (str(out / ONE_CKPT), read_weights(str(out / ONE_CKPT)))}  # a one-process ckpt file
+    for name, (source, expected) in sources.items():
+        metrics = alone.test(stack_loader(**TEST_LOADER), weights=source)
+        for rank in ranks:  # test() on 2 ranks evaluated these weights, like one process
+            assert rank["tested"][name].keys() == metrics.keys()
+            for key, value in metrics.items():
+                assert rank["tested"][name][key] == pytest.approx(value, rel=1e-6), (name, key)
+        alone.apply_weights(source)
+        loaded = ranks[0]["loaded"][name]  # gathered from both ranks' shards after apply_weights
+        assert loaded.keys() == expected.keys() == weights(alone).keys()
+        for key, value in expected.items():
+            assert torch.equal(loaded[key], value) and torch.equal(weights(alone)[key], value), (name, key)
+    # test(weights=...) put the trained weights back, though the ckpt weights differ from them.
+    before = ranks[0]["before"]
+    assert any(not torch.equal(before[k], v) for k, v in sources["ckpt"][1].items())
+    assert all(torch.equal(ranks[0]["after_test"][k], v) for k, v in before.items())
+    for rank in ranks:  # weights of another model: the clear error on every rank, before any collective
+        assert "was saved from a different model" in rank["mismatch"] and "To fix" in rank["mismatch"]
 
 
 # ======================================================================================

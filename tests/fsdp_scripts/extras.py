@@ -66,7 +66,7 @@ def _policies(trainer: Any) -> dict[str, str]:
     return {"mp": repr(group.mp_policy), "offload": type(group.offload_policy).__name__}
 
 
-def offload(rank: int, out: str) -> None:
+def offload(rank: int, out: str) -> Any:
     train, valid = _loaders()
     folder = os.path.join(out, "offload")
     stack_trainer(FSDPAddon, StateManagerAddon, cpu_offload=True, **_dcp(folder), **SETTINGS).run(2, train, valid)
@@ -76,6 +76,7 @@ def offload(rank: int, out: str) -> None:
     full = full_model_state_dict(resumed.raw_model)
     _save({"full": full, "metrics": resumed.epoch_metrics, "policies": _policies(resumed)}, out,
           f"offload-{rank}.pt")
+    return resumed
 
 
 # ======================================================================================
@@ -227,9 +228,41 @@ def sigterm_then_crash(rank: int, out: str) -> None:
         os._exit(3)
 
 
+# ======================================================================================
+# Checkpointed weights loaded into a sharded model (apply_weights, test(weights=...))
+# ======================================================================================
+TEST_LOADER = {"n": 8, "batch_size": 2, "seed": 7}
+ONE_CKPT = "one-process.ckpt"  # a save_format='ckpt' checkpoint the test wrote in one process
+BAD_WEIGHTS = "bad-weights.pt"  # weights of another model, also written by the test
+
+
+def best_weights(rank: int, out: str, trainer: Any) -> None:
+    """On ``trainer``'s trained sharded model (its dcp folder holds a best checkpoint): test()
+    with that best and with a one-process ckpt file (the weights put back after each),
+    apply_weights of both, and weights of another model."""
+    from zae_trainer.addons.checkpoint.errors import CheckpointMismatchError
+
+    loader = stack_loader(**TEST_LOADER)
+    one = os.path.join(out, ONE_CKPT)
+    before = full_model_state_dict(trainer.raw_model)
+    tested = {"best": trainer.test(loader, weights="best"), "ckpt": trainer.test(loader, weights=one)}
+    after_test = full_model_state_dict(trainer.raw_model)
+    try:
+        trainer.apply_weights(os.path.join(out, BAD_WEIGHTS))
+        mismatch = ""
+    except CheckpointMismatchError as exc:
+        mismatch = str(exc)
+    loaded = {}
+    for name, source in (("ckpt", one), ("best", "best")):
+        trainer.apply_weights(source)
+        loaded[name] = full_model_state_dict(trainer.raw_model)
+    _save({"before": before, "after_test": after_test, "tested": tested, "loaded": loaded, "mismatch": mismatch,
+           "sharded": type(trainer.raw_model).__name__}, out, f"best-{rank}.pt")
+
+
 def settings_and_signals(rank: int, out: str) -> None:
     bf16_async_then_exports(rank, out)
-    offload(rank, out)
+    best_weights(rank, out, offload(rank, out))  # on the offload run's trainer and dcp folder
     sigterm_then_crash(rank, out)
 
 

@@ -85,7 +85,13 @@ from .checkpoint.data_position import (
     is_stateful_loader,
     set_generator_states,
 )
-from .checkpoint.dcp_format import full_model_state_dict, is_dcp_checkpoint, read_dcp_checkpoint, save_dcp
+from .checkpoint.dcp_format import (
+    full_model_state_dict,
+    is_dcp_checkpoint,
+    load_full_model_state_dict,
+    read_dcp_checkpoint,
+    save_dcp,
+)
 from .checkpoint.errors import (
     CheckpointCorruptError,
     CheckpointError,
@@ -404,7 +410,8 @@ class StateManagerAddon(AddOn):
         ``filename`` may be a weights file, a checkpoint (ours, a lis2 snapshot, a plain
         ``torch.save`` dict or state_dict), or ``"best"`` / ``"latest"`` / ``"best:<metric>"``
         (from the manifest). ``None`` loads the best checkpoint in ``save_path`` (a trainer
-        that keeps zae-engine's in-memory ``weight_buffer`` uses that instead).
+        that keeps zae-engine's in-memory ``weight_buffer`` uses that instead). A sharded
+        (FSDP) model: every rank must call it; each reads the weights, and the load is a collective.
         """
         trainer = self.trainer
         buffered = [w for w in (getattr(trainer, "weight_buffer", None) or {}).get("weight", []) if w is not None]
@@ -414,7 +421,7 @@ class StateManagerAddon(AddOn):
             source = self._resolve("best" if filename is None else os.fspath(filename))
             weights = read_weights(source)
         fitting = check_model_fits(trainer.raw_model, weights, source, strict)
-        trainer.raw_model.load_state_dict(fitting, strict=strict)
+        load_full_model_state_dict(trainer.raw_model, fitting, strict)  # sharded (FSDP): every rank calls this
 
     def wait_for_checkpoint(self) -> None:
         """Block until a background (``async_save``) write is on disk; raise its error if it failed."""

@@ -67,6 +67,7 @@ __all__ = [
     "read_dcp_checkpoint",
     "read_dcp_weights",
     "full_model_state_dict",
+    "load_full_model_state_dict",
     "DCP_STATE_JSON",
 ]
 
@@ -120,6 +121,31 @@ def full_model_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_model_state_dict(model: torch.nn.Module, weights: Mapping[str, Any], strict: bool = True) -> None:
+    """Load complete weights (plain tensors, e.g. from a file) into ``model``, sharded or not.
+
+    A sharded (FSDP2) model holds DTensor shards, which ``load_state_dict`` cannot fill from
+    full tensors; ``set_model_state_dict(full_state_dict=True)`` cuts each rank's shard out of
+    them. That is a collective: torch distributes every tensor from rank 0 (``src_data_rank=0``),
+    so every rank must call this with the same keys and shapes (each rank passing the whole
+    dict; the values of rank 0 are the ones loaded). Keys go in the model's order, which is
+    the same on every rank. Weights that are already shards (DTensors) load directly.
+    """
+    if not is_sharded(model):
+        model.load_state_dict(weights, strict=strict)
+        return
+    order = list(model.state_dict())
+    ordered = {k: weights[k] for k in order if k in weights}
+    ordered.update({k: v for k, v in weights.items() if k not in ordered})
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(v, DTensor) for v in ordered.values()):
+        model.load_state_dict(ordered, strict=strict)  # shards of this model (a sharded state dict)
+        return
+    set_model_state_dict(model, ordered, options=StateDictOptions(full_state_dict=True, strict=strict))
 
 
 # ======================================================================================
