@@ -13,6 +13,8 @@ property of what they left behind:
   resuming from it is bit-identical; SIGKILL of a rank inside its background write leaves the
   previous checkpoint loadable;
 * ``save_model`` / ``export_weights`` of a sharded model write the full weights;
+  ``apply_weights`` / ``test(weights=...)`` load a dcp folder's best or a one-process ckpt
+  file into it exactly as one process does (and refuse another model's weights clearly);
 * SIGTERM to both ranks: an emergency dcp checkpoint, loadable and resumable; an exception on
   one rank: no emergency save, one warning saying why, the previous checkpoint intact.
 """

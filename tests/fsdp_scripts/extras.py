@@ -3,7 +3,8 @@
 :func:`settings_and_signals` runs, in one pair of processes, the runs whose process group
 survives them: FSDP's bf16 mixed precision with ``async_save`` (rank 1's write held back
 while rank 0 trains on and looks at the folder) and a resume, ``save_model`` /
-``export_weights`` from the sharded model, CPU offload saved and resumed, and SIGTERM sent
+``export_weights`` from the sharded model, CPU offload saved and resumed (then checkpointed
+weights loaded into that sharded model: ``apply_weights``, ``test(weights=...)``), and SIGTERM sent
 to both ranks (an emergency dcp checkpoint). It ends with rank 1 raising, which ends the
 group. :func:`kill_during_async_save` needs a pair of its own: rank 1 is SIGKILLed while
 its background write runs. What each rank saw is written under ``out`` for the test.
