@@ -276,13 +276,13 @@ def _flatten(name: str, value: Any, out: dict[str, float], warn: Any) -> None:
 def _to_floats(values: list[Any]) -> list[float]:
     """One device-to-host transfer for the tensors among ``values``."""
     try:  # the usual case at a log point: one scalar tensor per step, all of one shape
-        stacked = torch.stack(values)
+        together = torch.stack(values)
     except (TypeError, RuntimeError):  # numbers among them (record_metric, a resumed epoch), or mixed shapes
         pass
     else:
-        read = stacked.reshape(-1).tolist()
+        read = together.reshape(-1).tolist()
         if len(read) == len(values):
-            return read if stacked.is_floating_point() else [float(v) for v in read]
+            return read if together.is_floating_point() else [float(v) for v in read]
     tensors = [(i, v) for i, v in enumerate(values) if isinstance(v, torch.Tensor)]
     if not tensors:
         return [float(v) for v in values]
