@@ -136,6 +136,86 @@ def test_idle_hooks_are_left_out_of_dispatch() -> None:
     assert fp16._dispatch.subscribers(Event.BEFORE_OPTIMIZER_STEP) == (fp16.get_addon("precision_mixer"),)
 
 
+class _CountingStrategy:
+    """A strategy mixin counting its own calls, idle as its add-on says."""
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.addon_of(_Counted).calls["backward"] += 1  # type: ignore[attr-defined]
+        super().backward(loss)  # type: ignore[misc]
+
+    def optimizer_step(self) -> None:
+        self.addon_of(_Counted).calls["optimizer_step"] += 1  # type: ignore[attr-defined]
+        super().optimizer_step()  # type: ignore[misc]
+
+
+class _Counted(AddOn):
+    trainer_mixin = _CountingStrategy
+
+    def __init__(self, *, idle: tuple[str, ...] = ()) -> None:
+        self.idle = frozenset(idle)
+        self.calls = {"backward": 0, "optimizer_step": 0}
+
+    def idle_overrides(self) -> frozenset[str]:
+        return self.idle
+
+
+def test_idle_strategy_overrides_are_called_past_for_the_run() -> None:
+    busy = tiny_trainer(TinyTrainer.add_on(_Counted()))
+    busy.run(1, tiny_loader(16, 8))
+    assert busy.get_addon("_Counted").calls == {"backward": 2, "optimizer_step": 2}
+
+    idle = tiny_trainer(TinyTrainer.add_on(_Counted(idle=("backward",))))
+    before = [p.detach().clone() for p in idle.model.parameters()]
+    idle.run(1, tiny_loader(16, 8))
+    assert idle.get_addon("_Counted").calls == {"backward": 0, "optimizer_step": 2}
+    assert idle.progress_checker.step == 2
+    assert any(not torch.equal(a, b) for a, b in zip(before, idle.model.parameters()))  # it still trained
+    assert "backward" not in vars(idle)  # bound for the run only: no bound method left on the trainer
+    idle.backward(idle.train_step(next(iter(tiny_loader(8, 8))))["loss"])  # outside run(): the full chain
+    assert idle.get_addon("_Counted").calls["backward"] == 1
+
+
+def test_an_outer_busy_override_still_reaches_an_idle_inner_one() -> None:
+    class Outer(AddOn):
+        name = "outer"
+        runs_before = ("_Counted",)
+
+        class trainer_mixin:  # noqa: N801 - a mixin class
+            def backward(self, loss: torch.Tensor) -> None:
+                super().backward(loss)  # type: ignore[misc]
+
+    trainer = tiny_trainer(TinyTrainer.add_on(Outer, _Counted(idle=("backward",))))
+    assert [k.__qualname__ for k in type(trainer).__mro__ if "backward" in vars(k)][:2] == [
+        "test_an_outer_busy_override_still_reaches_an_idle_inner_one.<locals>.Outer.trainer_mixin",
+        "_CountingStrategy",
+    ]
+    trainer.run(1, tiny_loader(16, 8))
+    assert trainer.get_addon("_Counted").calls["backward"] == 2  # reached through super(): still correct
+
+
+def test_precision_fp32_adds_no_strategy_call_per_step() -> None:
+    from zae_trainer.dispatch import active_overrides
+
+    fp32 = tiny_trainer(TinyTrainer.add_on(PrecisionMixerAddon(precision="fp32")))
+    assert set(active_overrides(type(fp32), fp32.addon_instances)) == {"autocast", "backward", "optimizer_step"}
+    bf16 = tiny_trainer(TinyTrainer.add_on(PrecisionMixerAddon(precision="bf16")))
+    assert set(active_overrides(type(bf16), bf16.addon_instances)) == {"backward", "optimizer_step"}
+    fp16 = tiny_trainer(TinyTrainer.add_on(PrecisionMixerAddon(precision="fp16")))
+    assert active_overrides(type(fp16), fp16.addon_instances) == {}
+
+    class Dtypes(TinyTrainer):
+        seen: list[torch.dtype] = []
+
+        def train_step(self, batch: Any) -> dict[str, Any]:
+            out = super().train_step(batch)
+            self.seen.append(self.model(batch[0]).dtype)
+            return out
+
+    trainer = tiny_trainer(Dtypes.add_on(PrecisionMixerAddon(precision="bf16")))
+    trainer.run(1, tiny_loader(16, 8))
+    assert Dtypes.seen == [torch.bfloat16, torch.bfloat16]  # autocast is still entered
+
+
 def test_describe_prints_the_resolved_hook_order(capsys: pytest.CaptureFixture[str]) -> None:
     built = TinyTrainer.add_on(GradientClippingAddon(max_norm=1.0), PrecisionMixerAddon, NonFiniteGuardAddon)
     text = built.describe()

@@ -38,7 +38,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .events import Event
     from .trainer import Trainer
 
-__all__ = ["AddOn", "AddOnBase", "STRATEGY_METHODS", "REQUIRED"]
+__all__ = ["AddOn", "AddOnBase", "STRATEGY_METHODS", "PER_STEP_OVERRIDES", "REQUIRED"]
 
 T = TypeVar("T", bound=type)
 
@@ -62,6 +62,10 @@ STRATEGY_METHODS: Final[frozenset[str]] = frozenset(
         "world_size",
     }
 )
+
+#: Strategy methods the loop calls on every step; an add-on may declare its overrides of
+#: these idle for a run (:meth:`AddOn.idle_overrides`).
+PER_STEP_OVERRIDES: Final[frozenset[str]] = frozenset({"autocast", "backward", "optimizer_step", "zero_grad", "no_sync"})
 
 REQUIRED: Final = inspect.Parameter.empty
 
@@ -196,6 +200,18 @@ class AddOn:
         Dispatch leaves these hooks out of this trainer's call chains, so a hook that would
         only return at once costs nothing per step (``PrecisionMixerAddon("fp32")`` has
         nothing to unscale before the optimizer step). Default: none.
+        """
+        return frozenset()
+
+    def idle_overrides(self) -> frozenset[str]:
+        """Per-step strategy methods of ``trainer_mixin`` this instance, as configured, only
+        passes on to ``super()``; asked at the start of each ``run()``.
+
+        For that run the loop calls past these overrides (see :data:`PER_STEP_OVERRIDES`), so
+        a strategy with nothing to do costs no call per step: ``PrecisionMixerAddon("fp32")``
+        neither autocasts nor scales the loss. An override is skipped only where no
+        other add-on's override of the same method, outside this one, still calls
+        ``super()`` into it. Default: none.
         """
         return frozenset()
 

@@ -24,10 +24,11 @@ their add-on with one dictionary lookup instead of searching names per step.
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence, TypeVar
 
-from .addon import AddOn
+from .addon import PER_STEP_OVERRIDES, AddOn
 from .errors import SkipStep
 from .events import Event
 from .registry import aliases_of, normalise
@@ -35,7 +36,7 @@ from .registry import aliases_of, normalise
 if TYPE_CHECKING:  # pragma: no cover
     from .composition import AddOnSpec
 
-__all__ = ["HandlerTable", "Dispatcher", "annotate", "describe_class"]
+__all__ = ["HandlerTable", "Dispatcher", "annotate", "describe_class", "active_overrides"]
 
 #: event -> ((add-on index, unbound hook function), ...) in call order; one per trainer class.
 HandlerTable = Mapping[Event, tuple[tuple[int, Callable[..., Any]], ...]]
@@ -176,6 +177,35 @@ class Dispatcher:
             elif addon == obj.name or normalise(addon) in aliases_of(type(obj)):
                 return obj
         raise KeyError(f"{owner} has no add-on {addon!r}; it has {[a.name for a in self.addons]}")
+
+
+def active_overrides(cls: type, addons: Sequence[AddOn]) -> dict[str, Callable[..., Any]]:
+    """Per-step strategy methods whose outermost override is idle, mapped to the function to call instead.
+
+    For each of :data:`~zae_trainer.addon.PER_STEP_OVERRIDES`, the definitions along
+    ``cls.__mro__`` are the call chain (each override calls ``super()``). Leading overrides
+    whose add-on declares them idle (:meth:`AddOn.idle_overrides`) are skipped; the first one
+    left is what the loop should call. Methods whose chain needs no skipping are left out, so
+    the result is empty when every strategy has work to do.
+    """
+    owners = {type(a).trainer_mixin: a for a in addons if type(a).trainer_mixin is not None}
+    idle = {klass: addon.idle_overrides() for klass, addon in owners.items()}
+    if not any(idle.values()):
+        return {}
+    chosen: dict[str, Callable[..., Any]] = {}
+    for name in sorted(PER_STEP_OVERRIDES):
+        skipped = False
+        for klass in cls.__mro__:
+            function = vars(klass).get(name)
+            if function is None:
+                continue
+            if name in idle.get(klass, ()):
+                skipped = True
+                continue
+            if skipped and inspect.isfunction(function):
+                chosen[name] = function
+            break
+    return chosen
 
 
 def describe_class(cls: type, specs: Sequence["AddOnSpec"], table: HandlerTable) -> str:

@@ -45,7 +45,7 @@ from .checks import (
 )
 from .composition import AddOnSpec, build_trainer_class, register_pickling, route_settings
 from .contract import Phase, RunKind
-from .dispatch import Dispatcher, HandlerTable, describe_class
+from .dispatch import Dispatcher, HandlerTable, active_overrides, describe_class
 from .display import ProgressDisplay, RunSummary
 from .errors import NonFiniteLossError, SkipStep, TrainerConfigError, TrainingTerminated
 from .events import Event
@@ -172,6 +172,8 @@ class Trainer(metaclass=TrainerMeta):
     _zt_handlers: ClassVar[HandlerTable] = {}
     _zt_captured_settings: dict[str, Any]
     _zt_constructor_call: tuple[tuple[Any, ...], dict[str, Any]]
+    #: names bound on the instance for the current run() (see _bind_steps)
+    _bound_for_run: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -670,20 +672,30 @@ class Trainer(metaclass=TrainerMeta):
         return batch_end
 
     def _bind_steps(self) -> None:
-        """With several optimizers, put their forward/backward and optimizer phase in place of
-        the single-optimizer ones for this run (the single-optimizer loop pays nothing for them).
+        """Put this run's step functions in place: with several optimizers, their
+        forward/backward and optimizer phase instead of the single-optimizer ones (which then
+        pay nothing for them); and, where a strategy add-on declares its per-step override
+        idle (:meth:`AddOn.idle_overrides`, e.g. precision fp32), the next one in its place.
 
         Bound for one ``run()`` only and dropped by :meth:`_unbind_steps`: a bound method of
         the trainer kept on the trainer is a reference cycle, which would keep a deleted
         trainer (and its loggers) alive until the next garbage collection.
         """
+        bound = {
+            name: function.__get__(self, type(self))
+            for name, function in active_overrides(type(self), self._dispatch.addons).items()
+            if name not in self.__dict__  # an instance's own assignment wins
+        }
         if self._optimizers is not None:
-            self._forward_backward = self._forward_backward_several  # type: ignore[method-assign]
-            self._optimizer_phase = self._optimizer_phase_several  # type: ignore[method-assign]
+            bound["_forward_backward"] = self._forward_backward_several
+            bound["_optimizer_phase"] = self._optimizer_phase_several
+        self.__dict__.update(bound)
+        self._bound_for_run = tuple(bound)
 
     def _unbind_steps(self) -> None:
-        self.__dict__.pop("_forward_backward", None)
-        self.__dict__.pop("_optimizer_phase", None)
+        for name in self._bound_for_run:
+            self.__dict__.pop(name, None)
+        self._bound_for_run = ()
 
     def _validate_on_step(self) -> None:
         """A step-driven validation: its metrics replace this epoch's ``valid/*`` and are logged now."""

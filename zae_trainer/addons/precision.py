@@ -9,7 +9,8 @@ What it changes, and where:
 * ``BEFORE_OPTIMIZER_STEP`` — for fp16, the gradients are unscaled **once**, in place, before
   any other add-on reads them. Gradient clipping (``runs_after = ("precision_mixer",)``) runs
   after this hook, so it sees true gradient values. With fp32 or bf16 (no scaler) the add-on
-  leaves its per-step hooks out of dispatch (``idle_events``).
+  leaves its per-step hooks out of dispatch (``idle_events``), and the loop calls past its
+  overrides that have nothing to do (``idle_overrides``): fp32 costs no call per step.
 * ``optimizer_step`` — for fp16, ``GradScaler.step`` (which skips the update when it found
   Inf/NaN gradients) then ``GradScaler.update`` (which adapts the scale).
 
@@ -231,6 +232,14 @@ class PrecisionMixerAddon(AddOn):
         # Without a loss scaler there is nothing to unscale or settle: no per-step hooks.
         if self.scaler is None:
             return frozenset({Event.BEFORE_OPTIMIZER_STEP, Event.TRAIN_BATCH_END, Event.EPOCH_END})
+        return frozenset()
+
+    def idle_overrides(self) -> frozenset[str]:
+        # fp32 changes nothing; bf16 only autocasts (no loss scaling, a plain optimizer step).
+        if self.dtype is None:
+            return frozenset({"autocast", "backward", "optimizer_step"})
+        if self.scaler is None:
+            return frozenset({"backward", "optimizer_step"})
         return frozenset()
 
     # -- hooks ------------------------------------------------------------------------
