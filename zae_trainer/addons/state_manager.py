@@ -18,8 +18,8 @@ Folder layout (``save_path``)::
     manifest.json                  which checkpoints exist, "latest", "best", "best_by"
     epoch0003-step0000384.ckpt     one checkpoint (save_format="ckpt": a torch.save file)
     epoch0004-step0000512/         one checkpoint (save_format="safetensors": a folder with
-                                   model.safetensors, optimizer.safetensors, state.safetensors,
-                                   checkpoint.json)
+                                   model.safetensors, optimizer.safetensors, checkpoint.json,
+                                   and state.safetensors when add-ons keep tensors)
     best.ckpt -> epoch0003-...     symbolic links at fixed names (link_best_last=True):
     last.ckpt -> epoch0004-...     "best", "last", and "best-<metric>" per extra monitor
                                    ("valid/acc" -> best-valid_acc); no suffix for folders

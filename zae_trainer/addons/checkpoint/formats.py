@@ -8,9 +8,10 @@
 
 ``safetensors``
     A folder: ``model.safetensors`` (the weights, readable by any safetensors tool),
-    ``optimizer.safetensors`` (optimizer tensors), ``state.safetensors`` (any other tensors:
-    RNG states, add-on buffers) and ``checkpoint.json`` (everything else, with references
-    to those tensors). No pickle anywhere. The folder appears atomically, complete.
+    ``optimizer.safetensors`` (optimizer tensors, when there are any), ``state.safetensors``
+    (any other tensors, e.g. add-on buffers such as a loss scaler's or EMA weights; only when
+    there are any) and ``checkpoint.json`` (everything else, RNG states included, with
+    references to those tensors). No pickle anywhere. The folder appears atomically, complete.
 """
 
 from __future__ import annotations

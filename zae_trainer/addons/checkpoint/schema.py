@@ -15,7 +15,7 @@ Top-level keys (both formats hold the same tree)::
     metrics           the metric accumulators' state (a mid-epoch resume continues their sums)
     addons            {add-on name: its state_dict()}  (the GradScaler lives in the
                       precision add-on's entry)
-    rng               python / numpy / torch CPU / every CUDA device (see rng.py)
+    rng               python / numpy / torch CPU / every CUDA device, keys as hex text (see rng.py)
     data_position     batch_in_epoch, the epoch-start RNG and loader-generator states,
                       the loaders' generator states now, a stateful loader's own state
     config            the run's config and hyperparameters (Trainer(config=...))
