@@ -271,3 +271,23 @@ def test_resume_latest_on_empty_folder_starts_fresh(tmp_path):
     again.run(2, tiny_loader())  # the same 2-epoch run: one epoch was done, one is left
     assert again.progress_checker.epoch == 2 and again.progress_checker.step == 6
     assert again.history[0] == trainer.history[0]  # epoch 1 came from the checkpoint
+
+
+def test_what_add_ons_put_in_a_checkpoint_is_checked_even_under_a_core_key(tmp_path):
+    """The parts the core builds skip the plain-value check; one an add-on replaces does not."""
+    from zae_trainer import AddOn
+
+    class Sneaky(AddOn):
+        name = "sneaky"
+
+        def __init__(self, *, where: str = "rng") -> None:
+            self.where = where
+
+        def on_checkpoint_save(self, trainer, checkpoint):
+            checkpoint[self.where] = {"state": object()}
+
+    for where in ("rng", "metrics", "extra"):
+        trainer = make(tmp_path / where, cls=TinyTrainer.add_on(Sneaky(where=where)))
+        with pytest.raises(TypeError, match=rf"checkpoint\['{where}'\]\['state'\] is a builtins.object"):
+            trainer.save_state()
+        assert not [n for n in os.listdir(tmp_path / where) if n.endswith(".ckpt")]  # nothing unloadable written

@@ -184,13 +184,14 @@ class MetricAccumulator:
         states are not saved: after a mid-epoch resume a ``Metric`` covers the batches since
         the resume.
         """
-        return {
-            "sums": dict(self._sums),
-            "weights": dict(self._weights),
-            "pending": {k: _to_floats(v) for k, v in self._pending.items() if v},
-            "pending_sizes": {k: list(v) for k, v in self._pending_sizes.items() if v},
-            "pending_steps": list(self._pending_steps),
-        }
+        state: dict[str, Any] = {}
+        if self._sums:
+            state["sums"], state["weights"] = dict(self._sums), dict(self._weights)
+        if self._pending_steps:
+            state["pending"] = {k: _to_floats(v) for k, v in self._pending.items() if v}
+            state["pending_sizes"] = {k: list(v) for k, v in self._pending_sizes.items() if v}
+            state["pending_steps"] = list(self._pending_steps)
+        return state  # empty parts are left out: {} is a phase with nothing recorded
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned (replacing the current contents)."""

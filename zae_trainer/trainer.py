@@ -1148,7 +1148,7 @@ class Trainer(metaclass=TrainerMeta):
             "history": [dict(h) for h in self.history],
             "best": dict(self.best),
             "seconds": self.run_seconds,
-            "metrics": {phase: acc.state_dict() for phase, acc in self._accumulators.items()},
+            "metrics": {phase: kept for phase, acc in self._accumulators.items() if (kept := acc.state_dict())},
             "addons": {a.name: a.state_dict() for a in self.addon_instances if a.is_stateful()},
         }
 
@@ -1169,8 +1169,9 @@ class Trainer(metaclass=TrainerMeta):
         if "seconds" in state:  # the run clock goes on from the checkpoint's total
             elapsed = time.perf_counter() - self._started if self._clock_running else 0.0
             self._seconds_before = float(state["seconds"]) - elapsed
-        for phase, acc_state in state.get("metrics", {}).items():
-            self._accumulators[phase].load_state_dict(acc_state)
+        saved_metrics = state.get("metrics", {})
+        for phase, acc in self._accumulators.items():  # a phase left out had nothing recorded
+            acc.load_state_dict(saved_metrics.get(phase, {}))
         saved = state.get("addons", {})
         for addon in self.addon_instances:
             if addon.name in saved:

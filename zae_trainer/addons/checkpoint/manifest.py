@@ -59,7 +59,11 @@ class Monitor:
 
 @dataclass
 class Entry:
-    """One checkpoint: where it is, when it was taken, and how good it was."""
+    """One checkpoint: where it is, when it was taken, and how good it was.
+
+    Complete before :meth:`Manifest.add` and not changed after it (the manifest keeps each
+    entry's JSON line).
+    """
 
     name: str  # file or folder name inside the checkpoint folder
     epoch: int  # epochs completed when saved
@@ -108,6 +112,9 @@ class Manifest:
         self.entries: list[Entry] = list(entries)
         self.mode = mode
         self.monitors: list[Monitor] = [m for m in monitors if m.metric is not None]
+        #: each entry's JSON line, made once: entries are not changed after they are added,
+        #: and the manifest is rewritten at every save (float repr is most of json's work)
+        self._lines: dict[int, tuple[Entry, str]] = {}
 
     @property
     def path(self) -> str:
@@ -143,10 +150,18 @@ class Manifest:
         }
         # One checkpoint per line, each line by json's C encoder (``indent=`` would switch the
         # whole document to its pure-Python encoder, written at every save).
-        lines = [json.dumps(e.to_json(), allow_nan=False) for e in self.entries]
+        lines = [self._line(e) for e in self.entries]
         listed = "\n  " + ",\n  ".join(lines) + "\n " if lines else ""
         text = (json.dumps(data, allow_nan=False)[:-1] + f',\n "checkpoints": [{listed}]}}\n').encode("utf-8")
         write_file_atomic(self.path, lambda f: f.write(text))
+
+    def _line(self, entry: Entry) -> str:
+        cached = self._lines.get(id(entry))
+        if cached is None or cached[0] is not entry:
+            if len(self._lines) > 4 * len(self.entries):  # forget dropped entries now and then
+                self._lines = {id(e): c for e in self.entries if (c := self._lines.get(id(e))) and c[0] is e}
+            cached = self._lines[id(entry)] = (entry, json.dumps(entry.to_json(), allow_nan=False))
+        return cached[1]
 
     # -- queries ------------------------------------------------------------------------
     def latest(self) -> Entry | None:

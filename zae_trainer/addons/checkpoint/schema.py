@@ -75,10 +75,11 @@ _SHOWN = 10
 def versions() -> dict[str, str]:
     from ... import __version__
 
-    found = {"zae_trainer": __version__, "torch": torch.__version__, "python": platform.python_version()}
+    # str(): torch.__version__ is a str subclass, which a checkpoint could only hold pickled
+    found = {"zae_trainer": str(__version__), "torch": str(torch.__version__), "python": platform.python_version()}
     for name in ("numpy", "safetensors"):
         try:
-            found[name] = __import__(name).__version__
+            found[name] = str(__import__(name).__version__)
         except Exception:  # optional packages: record what is there
             continue
     return found
@@ -129,11 +130,21 @@ def build_checkpoint(
     }
     from ...events import Event
 
+    built_plain = {key: checkpoint[key] for key in _BUILT_PLAIN if key in checkpoint}
     trainer.emit(Event.CHECKPOINT_SAVE, checkpoint)  # add-ons may add keys of their own
     model = checkpoint.pop("model")
-    plain = to_plain(checkpoint)
+    # Parts this function and the core built from numbers and strings need no check; the
+    # rest (optimizer, scheduler, config, add-on states, anything an add-on put in) does.
+    # A part an add-on replaced on CHECKPOINT_SAVE is no longer the object built here: checked.
+    unchecked = {k: v for k, v in checkpoint.items() if built_plain.get(k, _NOTHING) is not v}
+    plain = {**checkpoint, **to_plain(unchecked)}
     plain["model"] = model
     return plain
+
+
+#: top-level parts made of plain values only, by build_checkpoint and Trainer.state_dict
+_BUILT_PLAIN = ("format", "format_version", "metrics", "seconds", "rng", "versions", "saved_at")
+_NOTHING = object()
 
 
 _REQUIRED = {"model": Mapping, "progress": Mapping, "rng": Mapping}
