@@ -12,10 +12,14 @@ difference of the two counts divided by the extra steps is its cost per step. Co
 uncounted) cancel out; everything that happens every epoch stays in, amortised over the
 epoch's 128 steps: log points, epoch-end metrics, checkpoint saves, log-file writes.
 
-How it counts: one process runs every contender under ``valgrind --tool=callgrind`` with
-instrumentation off until the imports are done; a tiny C helper compiled on the spot
-(``valgrind/callgrind.h`` client requests) switches collection on around each measured run
-and dumps the count. ``PYTHONHASHSEED=0`` keeps Python's own work identical between runs.
+How it counts: each contender runs in a process of its own under ``valgrind
+--tool=callgrind``, with instrumentation off until the imports are done; a tiny C helper
+compiled on the spot (``valgrind/callgrind.h`` client requests) switches collection on around
+each measured run and dumps the count. Counts are made repeatable to the instruction:
+``PYTHONHASHSEED=0`` fixes string hashing, address-space randomisation is switched off
+(``setarch -R``, where available: object addresses feed ``id()``-based hashes, so dictionary
+probing changed by a few thousand instructions per step from run to run), and a fresh
+process per contender keeps one contender's heap from shaping the next one's count.
 
 Contenders:
   raw loop                  zero_grad / forward / backward / step, nothing else
@@ -31,7 +35,8 @@ Contenders:
                             LocalLoggerAddon (metrics.jsonl / csv)
 
 Instructions are not time; read this beside ``bench_overhead.py``, not instead of it.
-Needs valgrind, its headers and a C compiler (``apt install valgrind gcc``); about 5 minutes.
+Needs valgrind, its headers and a C compiler (``apt install valgrind gcc``); about 3 minutes per
+contender on one core, two contenders at a time.
 
 Run:  python benchmarks/bench_instructions.py [--short 1] [--long 5] [--only core,raw]
 """
@@ -221,11 +226,20 @@ def _compile_helper(folder: str) -> str | None:
     return library if proc.returncode == 0 else None
 
 
+def _no_aslr() -> list[str]:
+    """``setarch <arch> -R``: run without address-space randomisation (empty where unavailable)."""
+    setarch = shutil.which("setarch")
+    if setarch is None:
+        return []
+    probe = subprocess.run([setarch, platform.machine(), "-R", "true"], capture_output=True, check=False)
+    return [setarch, platform.machine(), "-R"] if probe.returncode == 0 else []
+
+
 def _count(names: list[str], short: int, long: int, helper: str, folder: str, tag: str) -> dict[tuple[str, int], int]:
     out = os.path.join(folder, f"callgrind.{tag}.out")
     env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
     cmd = [
-        "valgrind", "--tool=callgrind", "--instr-atstart=no", "--collect-atstart=no", f"--callgrind-out-file={out}",
+        *_no_aslr(), "valgrind", "--tool=callgrind", "--instr-atstart=no", "--collect-atstart=no", f"--callgrind-out-file={out}",
         sys.executable, os.path.abspath(__file__), "--child", ",".join(names), "--short", str(short), "--long", str(long),
         "--helper", helper,
     ]
@@ -268,10 +282,9 @@ def main(argv: list[str] | None = None) -> int:
         if helper is None:
             print("could not compile the callgrind helper (needs a C compiler and valgrind/callgrind.h)")
             return 0
-        halves = [names[0::2], names[1::2]]  # two processes, one per core
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            jobs = [pool.submit(_count, half, args.short, args.long, helper, folder, str(i))
-                    for i, half in enumerate(halves) if half]
+        with ThreadPoolExecutor(max_workers=2) as pool:  # a process per contender, two at a time
+            jobs = [pool.submit(_count, [name], args.short, args.long, helper, folder, str(i))
+                    for i, name in enumerate(names)]
             counts: dict[tuple[str, int], int] = {}
             for job in jobs:
                 counts.update(job.result())
