@@ -51,7 +51,7 @@ def _hex(byte_tensor: torch.Tensor) -> str:
     return byte_tensor.cpu().numpy().tobytes().hex()
 
 
-def _byte_tensor(saved: Any) -> torch.Tensor:
+def _byte_tensor(saved: str | torch.Tensor) -> torch.Tensor:
     """A torch generator state back as the ``uint8`` tensor ``set_rng_state`` takes."""
     if isinstance(saved, str):
         return torch.frombuffer(bytearray.fromhex(saved), dtype=torch.uint8)
