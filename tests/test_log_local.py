@@ -180,3 +180,20 @@ def test_local_logger_passes_the_addon_conformance_suite(tmp_path: Path) -> None
     assert report["hooks"] == "ok" and report["pickle"] == "ok"
     assert report["sync"] == 0  # not one host read of a tensor between log points
     assert report["state"] == ["ckpt", "safetensors"]
+
+
+def test_a_jsonl_line_is_what_json_dumps_writes_with_each_float_formatted_once():
+    """metrics.jsonl lines are built from floats formatted once for both files; they must
+    stay byte-identical to ``json.dumps`` (non-finite values, strings, None, bools, numpy floats)."""
+    import json
+
+    import numpy as np
+
+    from zae_trainer.addons.local_logger import _cell, _json_line
+
+    record = {"kind": "step", "step": 3, "time": 0.123456789, "train/loss": 2.3157620541751385, "lr": 1e-4,
+              "nan": float("nan"), "inf": float("inf"), "-inf": float("-inf"), "flag": True, "none": None,
+              "text": 'a"b\u00e9', "np": np.float64(1.5), 'odd "key"': 1.0}
+    texts = {k: float.__repr__(v) for k, v in record.items() if isinstance(v, float)}
+    assert _json_line(record, texts) == json.dumps(record)
+    assert _cell(np.float64(1.5)) == "1.5" and _cell(float("nan")) == "nan" and _cell(None) == ""

@@ -181,7 +181,10 @@ class LocalLoggerAddon(LoggerAddOn):
         if self._jsonl is None or self._csv is None or self._records is None:
             return  # a LOG outside run() (run_batch called by hand): nothing is open
         self._records.append(record)
-        self._jsonl.write(json.dumps(record) + "\n")
+        # Each float is formatted once, for both files: the shortest round-trip text of a
+        # float costs more than the rest of a record's line, and a log point has a dozen.
+        texts = {k: float.__repr__(v) for k, v in record.items() if isinstance(v, float)}
+        self._jsonl.write(_json_line(record, texts) + "\n")
         self._jsonl.flush()
         new = [k for k in record if k not in self._columns]
         if new:  # the header changes: rewrite the table once with the new column
@@ -190,7 +193,7 @@ class LocalLoggerAddon(LoggerAddOn):
             _write_csv(self.csv_path, self._columns, self._records)
             self._csv = open(self.csv_path, "a", encoding="utf-8", newline="")
         else:
-            csv.writer(self._csv).writerow([_cell(record.get(c)) for c in self._columns])
+            csv.writer(self._csv).writerow([texts[c] if c in texts else _cell(record.get(c)) for c in self._columns])
         self._csv.flush()
 
     def _rewrite(self) -> None:
@@ -306,8 +309,33 @@ def _cell(value: Any) -> Any:
     if value is None:
         return ""
     if isinstance(value, float):
-        return repr(value)
+        return float.__repr__(value)  # a numpy float's repr() would be "np.float64(...)"
     return value
+
+
+def _json_line(record: dict[str, Any], float_texts: dict[str, str]) -> str:
+    """``json.dumps(record)``, taking finite floats' text from ``float_texts`` (what json writes for them)."""
+    parts = []
+    for key, value in record.items():
+        text = float_texts.get(key)
+        if text is None or not math.isfinite(value):  # NaN/Infinity: json's own spelling
+            text = json.dumps(value)
+        parts.append(f"{_json_key(key)}: {text}")
+    return "{" + ", ".join(parts) + "}"
+
+
+_KEY_TEXTS: dict[str, str] = {}
+
+
+def _json_key(key: str) -> str:
+    """A record key as JSON text; keys repeat at every log point, so each is encoded once."""
+    text = _KEY_TEXTS.get(key)
+    if text is None:
+        if len(_KEY_TEXTS) < 10_000:  # metric names are few; do not grow without bound
+            text = _KEY_TEXTS[key] = json.dumps(str(key))
+        else:
+            text = json.dumps(str(key))
+    return text
 
 
 def _write_csv(path: str, columns: list[str], records: list[dict[str, Any]]) -> None:
