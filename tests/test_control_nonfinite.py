@@ -93,6 +93,16 @@ def test_raise_names_the_step_and_values_at_the_next_log_point() -> None:
     assert trainer.progress_checker.step == 4  # deferred to the log point after step 3, no per-step read
 
 
+def test_raise_checks_the_epochs_last_batch_before_the_core_reads_the_losses() -> None:
+    trainer = tiny_trainer(TinyRegressionTrainer.add_on(NonFiniteGuardAddon), log_every_n_steps=100)
+    with pytest.raises(NonFiniteLossError) as info:
+        trainer.run(2, _batches(6, nan_at=(6,)))
+    # the guard's own report (with the gradient norm) from the last batch's end, not the core's
+    assert info.value.__notes__ == ["raised by add-on 'nonfinite_guard' while handling Event.TRAIN_BATCH_END"]
+    assert "non-finite loss at step 6" in str(info.value) and "gradient norm=" in str(info.value)
+    assert trainer.progress_checker.step == 6 and trainer.progress_checker.epoch == 0
+
+
 def test_raise_catches_non_finite_gradients_with_a_finite_loss() -> None:
     cls = type("B", (BadGradAt,), {"bad_step": 2}).add_on(NonFiniteGuardAddon)
     trainer = tiny_trainer(cls, log_every_n_steps=100)

@@ -125,7 +125,12 @@ class MetricAccumulator:
 
     def add_value(self, key: str, value: Any, weight: int = 1) -> None:
         """Record one extra value (a grad norm, say) outside a step's outputs; no sync either."""
-        self._pending[key].append(value.detach() if isinstance(value, torch.Tensor) else float(value))
+        if isinstance(value, torch.Tensor):
+            if value.requires_grad:  # a tensor without grad has no graph to let go of: no detach (~4k instructions)
+                value = value.detach()
+        else:
+            value = float(value)
+        self._pending[key].append(value)
         self._pending_sizes[key].append(weight)
 
     @property

@@ -110,6 +110,7 @@ class NonFiniteGuardAddon(AddOn):
         self._save_after_batch = False
         self._skipping: tuple[int, str] | None = None  # (step, reason) of the step being skipped
         self._norm_checked = self.check_grads
+        self._epoch_length: int | None = None
         self._zero = torch.zeros(())
 
     def setup(self, trainer: Any) -> None:
@@ -186,8 +187,14 @@ class NonFiniteGuardAddon(AddOn):
             save = getattr(trainer, "save_state", None)
             if callable(save):
                 save("nonfinite")
-        if self._pending and (trainer.progress_checker.step % trainer.log_every_n_steps == 0 or _last_batch(trainer)):
-            self._check_pending(trainer)
+        if self._pending:
+            pc = trainer.progress_checker
+            if pc.step % trainer.log_every_n_steps == 0 or pc.batch_in_epoch == self._epoch_length:
+                self._check_pending(trainer)
+
+    def on_epoch_begin(self, trainer: Any) -> None:
+        # the epoch's last batch is checked before the core's own epoch-end check reads the losses
+        self._epoch_length = _length(trainer.loader)
 
     # -- "raise": checked at log points, after the epoch's last batch, before validation --------------------
     def on_valid_begin(self, trainer: Any) -> None:
@@ -225,9 +232,10 @@ class NonFiniteGuardAddon(AddOn):
         self.skipped = int(state.get("skipped", 0))
 
 
-def _last_batch(trainer: Any) -> bool:
-    """Whether the batch just run was the epoch's last (before the core's own epoch-end check)."""
+def _length(loader: Any) -> int | None:
+    """Batches in an epoch of ``loader``; None for an iterable without a length (the checks
+    before validation and at epoch end remain)."""
     try:
-        return bool(trainer.progress_checker.batch_in_epoch == len(trainer.loader))
-    except TypeError:  # an iterable without a length: the checks before validation and at epoch end remain
-        return False
+        return len(loader)
+    except TypeError:
+        return None
