@@ -152,6 +152,35 @@ def test_links_are_repaired_when_the_next_trainer_opens_the_folder(tmp_path: Pat
     assert os.readlink(tmp_path / "best.ckpt") == m["best"] and os.readlink(tmp_path / "last.ckpt") == m["latest"]
 
 
+def test_a_file_where_a_link_goes_is_refused_when_the_addon_starts(tmp_path: Path) -> None:
+    """Another tool's regular ``last.ckpt`` is neither replaced nor found only after an epoch."""
+    (tmp_path / "last.ckpt").write_bytes(b"someone else's checkpoint")
+    with pytest.raises(Exception, match=r"last\.ckpt.* exists and is not a link.*link_best_last=False"):
+        tiny_trainer(TinyRegressionTrainer.add_on(StateManagerAddon), save_path=str(tmp_path))
+    assert (tmp_path / "last.ckpt").read_bytes() == b"someone else's checkpoint"
+    trainer = tiny_trainer(TinyRegressionTrainer.add_on(StateManagerAddon), save_path=str(tmp_path),
+                           link_best_last=False)
+    trainer.run(1, tiny_loader(16))
+    assert (tmp_path / "last.ckpt").read_bytes() == b"someone else's checkpoint"
+    assert manifest(tmp_path)["latest"] in os.listdir(tmp_path)
+
+
+def test_links_follow_every_save_and_a_deleted_link_comes_back(tmp_path: Path) -> None:
+    cls = type("S", (Scored,), {"acc": [0.5, 0.75, 0.625, 0.25]})
+    trainer = tiny_trainer(cls.add_on(StateManagerAddon), save_path=str(tmp_path), monitor="valid/acc",
+                           monitor_mode="max", keep_last=5)
+    trainer.run(3, tiny_loader(16), tiny_loader(8))
+    m = manifest(tmp_path)
+    assert by_name(tmp_path)[m["best"]]["epoch"] == 2 and by_name(tmp_path)[m["latest"]]["epoch"] == 3
+    assert os.readlink(tmp_path / "best.ckpt") == m["best"] and os.readlink(tmp_path / "last.ckpt") == m["latest"]
+    os.remove(tmp_path / "last.ckpt")
+    trainer.run(1, tiny_loader(16), tiny_loader(8))
+    m = manifest(tmp_path)
+    assert os.readlink(tmp_path / "last.ckpt") == m["latest"] and by_name(tmp_path)[m["latest"]]["epoch"] == 4
+    assert by_name(tmp_path)[m["best"]]["epoch"] == 2 and os.readlink(tmp_path / "best.ckpt") == m["best"]
+    assert not [n for n in os.listdir(tmp_path) if ".zt-tmp-" in n]  # no temporary link left behind
+
+
 # -- durable deletion -------------------------------------------------------------------------
 EXIT_SCRIPT = """
 import sys

@@ -72,6 +72,7 @@ from ..trainer import Trainer
 from .checkpoint.async_writer import AsyncWriter, detached_copy
 from .checkpoint.atomic import (
     finish_deletions,
+    fsync_dir,
     link_atomic,
     mark_for_deletion,
     remove_path,
@@ -506,9 +507,6 @@ class StateManagerAddon(AddOn):
         return None
 
     # -- fixed names and unfinished deletions ---------------------------------------------
-    def _link_name(self, which: str) -> str:
-        return which + format_of(self.save_format).suffix
-
     def _update_links(self, manifest: Manifest) -> None:
         """Point ``best``/``last``/``best-<metric>`` at the manifest's choices (atomic replace)."""
         if not self.link_best_last or not self.trainer.is_main_process:
@@ -516,22 +514,29 @@ class StateManagerAddon(AddOn):
         targets = {"best": manifest.best(), "last": manifest.latest()}
         for m in self.monitors:
             targets[f"best-{_slug(m.metric)}"] = manifest.best(m.metric, m.mode)
+        suffix = format_of(self.save_format).suffix
+        changed = False
         for which, entry in targets.items():
-            link = os.path.join(self.save_path, self._link_name(which))
-            if entry is None:
-                if os.path.islink(link):
-                    os.remove(link)
-                continue
-            if os.path.lexists(link) and not os.path.islink(link):
+            link = os.path.join(self.save_path, which + suffix)
+            try:  # one system call tells all three cases apart
+                current: str | None = os.readlink(link)
+            except FileNotFoundError:
+                current = None
+            except OSError:  # there, but not a symbolic link (found when the add-on starts)
                 raise CheckpointError(
                     f"{link!r} exists and is not a link; StateManagerAddon keeps a link to the {which} checkpoint "
                     "there. To fix, move that file, or pass link_best_last=False.",
                     link,
-                )
-            if os.path.islink(link) and os.readlink(link) == entry.name:
+                ) from None
+            if entry is None:
+                if current is not None:
+                    os.remove(link)
+                    changed = True
+                continue
+            if current == entry.name:
                 continue
             try:
-                link_atomic(link, entry.name)
+                link_atomic(link, entry.name, durable=False)
             except OSError as exc:  # a file system without symbolic links
                 self.link_best_last = False
                 warnings.warn(
@@ -541,6 +546,9 @@ class StateManagerAddon(AddOn):
                     stacklevel=2,
                 )
                 return
+            changed = True
+        if changed:
+            fsync_dir(self.save_path)
 
     def _finish_deletions(self, manifest: Manifest) -> None:
         """Complete deletions a killed process left half done; forget what they removed."""
