@@ -77,7 +77,7 @@ class Entry:
     saved_at: float = field(default_factory=time.time)
 
     def to_json(self) -> dict[str, Any]:
-        data = {f.name: getattr(self, f.name) for f in fields(self)}  # what asdict gives, without deep copies
+        data = {name: getattr(self, name) for name in _ENTRY_FIELDS}  # what asdict gives, without deep copies
         data["reasons"] = list(self.reasons)
         data["metrics"] = {k: _finite_or_text(v) for k, v in self.metrics.items()}
         return data
@@ -92,6 +92,9 @@ class Entry:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             return None
         return float(value)
+
+
+_ENTRY_FIELDS = tuple(f.name for f in fields(Entry))
 
 
 def _finite_or_text(value: Any) -> Any:

@@ -40,6 +40,7 @@ optimizer, scheduler, global config) of any checkpoint, in our key names or lis2
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import platform
 import time
 import warnings
@@ -73,6 +74,12 @@ _SHOWN = 10
 
 
 def versions() -> dict[str, str]:
+    """The versions a checkpoint records; read once per process (they cannot change in one)."""
+    return dict(_versions())
+
+
+@functools.cache
+def _versions() -> tuple[tuple[str, str], ...]:
     from ... import __version__
 
     # str(): torch.__version__ is a str subclass, which a checkpoint could only hold pickled
@@ -82,7 +89,7 @@ def versions() -> dict[str, str]:
             found[name] = str(__import__(name).__version__)
         except Exception:  # optional packages: record what is there
             continue
-    return found
+    return tuple(found.items())
 
 
 def model_config_of(model: torch.nn.Module, given: Mapping[str, Any] | None) -> dict[str, Any] | None:

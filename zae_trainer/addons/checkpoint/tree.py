@@ -23,6 +23,8 @@ __all__ = ["to_plain", "split", "join", "TAG"]
 
 TAG = "__zt__"
 _SCALARS = (str, int, float, bool, type(None))
+#: the exact types that pass as they are (a set: one hash lookup per value)
+_LEAVES = frozenset({*_SCALARS, torch.Tensor})
 
 
 class _NotPlain(Exception):
@@ -59,12 +61,14 @@ def to_plain(obj: Any, where: str = "checkpoint") -> Any:
 
 def _plain(obj: Any) -> Any:
     kind = type(obj)
-    if kind in _SCALARS or kind is torch.Tensor:  # the exact types a checkpoint is made of, first
+    if kind in _LEAVES:  # the exact types a checkpoint is made of, first
         return obj
+    # Containers test their leaves inline: most values are leaves, and a call per value
+    # was most of the walk's cost (it runs over the optimizer state at every save).
     if kind is dict:
-        return {k: _plain(v) for k, v in obj.items()}
+        return {k: v if type(v) in _LEAVES else _plain(v) for k, v in obj.items()}
     if kind is list:
-        return [_plain(v) for v in obj]
+        return [v if type(v) in _LEAVES else _plain(v) for v in obj]
     if isinstance(obj, torch.Tensor):
         return obj
     if isinstance(obj, (bool, int, float, str)):  # subclasses (TorchVersion, IntEnum) would need pickling
