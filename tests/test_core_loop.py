@@ -77,6 +77,29 @@ def test_parameters_after_two_epochs_are_bit_identical_to_a_raw_pytorch_loop() -
     assert trainer.progress_checker.step == 14 and trainer.progress_checker.samples == 200
 
 
+def test_each_step_reuses_the_parameters_gradient_accumulators_and_none_outlive_the_phase() -> None:
+    """Every step's graph ends in the same AccumulateGrad nodes: held for the phase, not rebuilt.
+
+    A hook is put on the weight's node in the first step and no reference to the node is kept
+    here: it fires at every step only if the trainer keeps that node alive.
+    """
+    fired: list[int] = []
+
+    class Watching(TinyTrainer):
+        def train_step(self, batch: Any) -> dict[str, Any]:
+            out = super().train_step(batch)
+            if self.progress_checker.step == 0:
+                node = out["loss"].grad_fn.next_functions[0][0].next_functions[0][0]  # mse <- linear <- weight
+                assert type(node).__name__ == "AccumulateGrad"
+                node.register_hook(lambda grads_in, grads_out: fired.append(1))
+            return out
+
+    trainer = tiny_trainer(Watching)
+    trainer.run(1, tiny_loader(16))
+    assert len(fired) == len(tiny_loader(16)) > 1
+    assert trainer._grad_nodes == []  # released when the phase ends: nothing kept between runs
+
+
 # -- metrics -----------------------------------------------------------------------------------
 
 

@@ -74,8 +74,9 @@ def loader_length(loader: Any) -> int | None:
 
 def batch_size(batch: Any) -> int:
     """Samples in a batch: the leading dimension of its first tensor (1 if it has none)."""
-    if type(batch) is tuple and batch and type(batch[0]) is torch.Tensor and batch[0].dim() > 0:
-        return batch[0].shape[0]  # the common (inputs, targets) case, without the search below
+    if type(batch) is tuple and batch and type(batch[0]) is torch.Tensor:  # the common (inputs, targets) case
+        shape = batch[0].shape
+        return shape[0] if shape else 1
     stack = [batch]
     while stack:
         item = stack.pop(0)

@@ -49,6 +49,7 @@ from .dispatch import Dispatcher, HandlerTable, active_overrides, describe_class
 from .display import ProgressDisplay, RunSummary
 from .errors import NonFiniteLossError, SkipStep, TrainerConfigError, TrainingTerminated
 from .events import Event
+from .grad_nodes import hold_grad_accumulators
 from .metrics import MetricAccumulator
 from .optimizers import SchedulerGroup, check_several_losses, optimizer_dict, parameters_of, scheduler_or_group
 from .progress import ProgressChecker
@@ -258,6 +259,7 @@ class Trainer(metaclass=TrainerMeta):
         self._signals = StopSignals(False)
         self._display = ProgressDisplay(False)
         self._epoch_batches: int | None = None
+        self._grad_nodes: list[Any] = []  # held during a training phase (see grad_nodes)
         self._step_kwargs: dict[str, Any] = {}  # run()'s extra keywords, for scheduler.step
         self._target_epoch = 0
         self._target_step: int | None = None  # run(max_steps=...): stop once progress_checker.step reaches it
@@ -723,6 +725,7 @@ class Trainer(metaclass=TrainerMeta):
             self._epoch_batches = total
             batches = self.skip_consumed_batches(loader, pc.batch_in_epoch)
             handle = self._train_batch
+            self._grad_nodes = hold_grad_accumulators(self.model)  # reused by every step (see grad_nodes)
         else:
             batches, handle = loader, self._eval_batch
         tick = self._display.batch_done if self._display.interactive else None
@@ -743,6 +746,7 @@ class Trainer(metaclass=TrainerMeta):
             self._interrupt(agreed)
         if training:
             self._step_trailing_group()
+            self._grad_nodes = []
         acc = self._acc
         if acc.has_pending:
             self._flush(acc)
