@@ -38,13 +38,14 @@ Instructions are not time; read this beside ``bench_overhead.py``, not instead o
 Needs valgrind, its headers and a C compiler (``apt install valgrind gcc``); about 3 minutes per
 contender on one core, two contenders at a time.
 
-Run:  python benchmarks/bench_instructions.py [--short 1] [--long 5] [--only core,raw]
+Run:  python benchmarks/bench_instructions.py [--short 1] [--long 5] [--only core,raw] [--layouts 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import gc
 import os
 import platform
 import re
@@ -206,6 +207,7 @@ def _child(names: list[str], short: int, long: int, helper: str | None) -> None:
     for name in names:
         run_contender(name, 1, make_model, batches)  # warm-up: lazy initialisation, first-call imports
         for epochs in (short, long):
+            gc.collect()  # the earlier runs' garbage (trainer classes are cyclic) is not this run's cost
             if lib is not None:
                 lib.zt_zero()
                 lib.zt_toggle()
@@ -235,9 +237,12 @@ def _no_aslr() -> list[str]:
     return [setarch, platform.machine(), "-R"] if probe.returncode == 0 else []
 
 
-def _count(names: list[str], short: int, long: int, helper: str, folder: str, tag: str) -> dict[tuple[str, int], int]:
+def _count(names: list[str], short: int, long: int, helper: str, folder: str, tag: str,
+           layout: int = 0) -> dict[tuple[str, int], int]:
     out = os.path.join(folder, f"callgrind.{tag}.out")
-    env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
+    # ``layout`` pads the environment: the process then starts with its stack, and so its
+    # heap history, shifted; the count of the same code moves by a few thousand per step.
+    env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1", "ZT_BENCH_LAYOUT": "x" * (97 * layout)}
     cmd = [
         *_no_aslr(), "valgrind", "--tool=callgrind", "--instr-atstart=no", "--collect-atstart=no", f"--callgrind-out-file={out}",
         sys.executable, os.path.abspath(__file__), "--child", ",".join(names), "--short", str(short), "--long", str(long),
@@ -262,11 +267,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--short", type=int, default=1, help="epochs of the short run (default 1)")
     parser.add_argument("--long", type=int, default=5, help="epochs of the long run (default 5)")
     parser.add_argument("--only", help="comma-separated contender names (default: all)")
+    parser.add_argument("--layouts", type=int, default=1,
+                        help="processes per contender, each with its memory laid out differently; the table gives "
+                             "their mean and range (default 1)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--helper", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.long <= args.short:
         parser.error("--long must be larger than --short")
+    if args.layouts < 1:
+        parser.error("--layouts must be at least 1")
     names = list(CONTENDERS) if not args.only else [n.strip() for n in args.only.split(",")]
     unknown = [n for n in names if n not in CONTENDERS]
     if unknown:
@@ -277,32 +287,37 @@ def main(argv: list[str] | None = None) -> int:
     if shutil.which("valgrind") is None:
         print("valgrind is not installed; this benchmark counts instructions with callgrind (apt install valgrind)")
         return 0
+    steps = (args.long - args.short) * STEPS_PER_EPOCH
+    runs: dict[str, list[float]] = {name: [] for name in names}
     with tempfile.TemporaryDirectory(prefix="bench-instr-") as folder:
         helper = _compile_helper(folder)
         if helper is None:
             print("could not compile the callgrind helper (needs a C compiler and valgrind/callgrind.h)")
             return 0
-        with ThreadPoolExecutor(max_workers=2) as pool:  # a process per contender, two at a time
-            jobs = [pool.submit(_count, [name], args.short, args.long, helper, folder, str(i))
-                    for i, name in enumerate(names)]
-            counts: dict[tuple[str, int], int] = {}
-            for job in jobs:
-                counts.update(job.result())
-    steps = (args.long - args.short) * STEPS_PER_EPOCH
-    per_step = {n: (counts[n, args.long] - counts[n, args.short]) / steps for n in names if (n, args.long) in counts}
+        with ThreadPoolExecutor(max_workers=2) as pool:  # a process per contender and layout, two at a time
+            jobs = [(name, pool.submit(_count, [name], args.short, args.long, helper, folder, f"{i}.{layout}", layout))
+                    for layout in range(args.layouts) for i, name in enumerate(names)]
+            for name, job in jobs:
+                counts = job.result()
+                if (name, args.long) in counts and (name, args.short) in counts:
+                    runs[name].append((counts[name, args.long] - counts[name, args.short]) / steps)
+    per_step = {n: sum(r) / len(r) for n, r in runs.items() if r}
     import torch
 
     print(f"instructions per training step (callgrind; {args.long} - {args.short} epochs of {STEPS_PER_EPOCH} steps; "
-          f"torch {torch.__version__}, python {platform.python_version()}, {platform.machine()})")
+          f"torch {torch.__version__}, python {platform.python_version()}, {platform.machine()}"
+          + (f"; mean of {args.layouts} memory layouts" if args.layouts > 1 else "") + ")")
     core = per_step.get("core")
-    print(f"{'contender':<32} {'instructions':>13} {'vs raw loop':>12} {'vs its twin':>12} {'+ vs core':>10}")
+    spread = f" {'range':>19}" if args.layouts > 1 else ""
+    print(f"{'contender':<32} {'instructions':>13} {'vs raw loop':>12} {'vs its twin':>12} {'+ vs core':>10}{spread}")
     for name, count in per_step.items():
         raw = per_step.get("raw loop")
         twin = per_step.get(TWINS.get(name, ""))
         vs_raw = f"{count / raw:11.3f}x" if raw else f"{'-':>12}"
         vs_twin = f"{count / twin:11.3f}x" if twin else f"{'-':>12}"
         extra = f"{count - core:+10,.0f}" if core is not None and name.startswith("core +") else f"{'':>10}"
-        print(f"{name:<32} {count:13,.0f} {vs_raw} {vs_twin} {extra}")
+        lo_hi = f" {min(runs[name]):9,.0f}-{max(runs[name]):9,.0f}" if args.layouts > 1 else ""
+        print(f"{name:<32} {count:13,.0f} {vs_raw} {vs_twin} {extra}{lo_hi}")
     return 0
 
 
