@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
           f"torch {torch.__version__}, python {platform.python_version()}, {platform.machine()}"
           + (f"; mean of {args.layouts} memory layouts" if args.layouts > 1 else "") + ")")
     core = per_step.get("core")
-    spread = f" {'range':>19}" if args.layouts > 1 else ""
+    spread = f" {'range':>19} {'vs twin, by layout':>19}" if args.layouts > 1 else ""
     print(f"{'contender':<32} {'instructions':>13} {'vs raw loop':>12} {'vs its twin':>12} {'+ vs core':>10}{spread}")
     for name, count in per_step.items():
         raw = per_step.get("raw loop")
@@ -316,7 +316,12 @@ def main(argv: list[str] | None = None) -> int:
         vs_raw = f"{count / raw:11.3f}x" if raw else f"{'-':>12}"
         vs_twin = f"{count / twin:11.3f}x" if twin else f"{'-':>12}"
         extra = f"{count - core:+10,.0f}" if core is not None and name.startswith("core +") else f"{'':>10}"
-        lo_hi = f" {min(runs[name]):9,.0f}-{max(runs[name]):9,.0f}" if args.layouts > 1 else ""
+        lo_hi = ""
+        if args.layouts > 1:
+            lo_hi = f" {min(runs[name]):9,.0f}-{max(runs[name]):9,.0f}"
+            twin_runs = runs.get(TWINS.get(name, ""), [])
+            paired = [a / b for a, b in zip(runs[name], twin_runs)]  # the same layout for both
+            lo_hi += f" {min(paired):8.3f}-{max(paired):.3f}x" if paired else f" {'':>19}"
         print(f"{name:<32} {count:13,.0f} {vs_raw} {vs_twin} {extra}{lo_hi}")
     return 0
 
