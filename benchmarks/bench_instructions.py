@@ -19,7 +19,14 @@ each measured run and dumps the count. Counts are made repeatable to the instruc
 ``PYTHONHASHSEED=0`` fixes string hashing, address-space randomisation is switched off
 (``setarch -R``, where available: object addresses feed ``id()``-based hashes, so dictionary
 probing changed by a few thousand instructions per step from run to run), and a fresh
-process per contender keeps one contender's heap from shaping the next one's count.
+process per contender keeps one contender's heap from shaping the next one's count; the
+earlier runs' garbage is collected before each measured run (it is not that run's cost).
+
+Repeatable is not the same as exact: the same code started with its memory laid out
+differently (here: a longer environment, which shifts the stack and so the heap's history)
+counts a few thousand instructions per step more or less, through malloc's free lists and
+dictionary probing. ``--layouts N`` runs every contender in N such layouts and reports the
+mean, the range, and each contender's ratio to its twin layout by layout.
 
 Contenders:
   raw loop                  zero_grad / forward / backward / step, nothing else

@@ -42,3 +42,6 @@ def test_instruction_benchmark_child_runs_each_contender_and_checks_its_argument
     proc = subprocess.run([sys.executable, str(script), "--short", "10", "--long", "5"], capture_output=True,
                           text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 2 and "--long must be larger than --short" in proc.stderr
+    proc = subprocess.run([sys.executable, str(script), "--layouts", "0"], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2 and "--layouts must be at least 1" in proc.stderr
