@@ -248,3 +248,16 @@ def test_vector_and_dict_results_are_named_and_matrices_are_skipped_with_a_warni
     expected = {"per_class/0": 1.0, "per_class/1": 2 / 3, "per_class/2": 2 / 3, "c/f1": 7 / 9, "c/acc": 0.75}
     assert result == pytest.approx(expected)
     assert any("'cm' has shape (3, 3)" in str(w.message) for w in caught)
+
+
+def test_recorded_scalars_keep_no_graph_and_read_back_their_values() -> None:
+    """What an accumulator keeps of a step's loss: its value, not its graph (nor its gradient)."""
+    acc = metrics_module.MetricAccumulator("train")
+    weight = torch.tensor([2.0, 3.0], requires_grad=True)
+    loss = (weight * weight).sum()  # 13, with a graph back to weight
+    acc.add({"loss": loss, "half": loss / 2}, batch_size=4, step=1)
+    kept = [values[0] for values in acc._pending.values()]
+    assert all(not v.requires_grad and v.grad_fn is None for v in kept)
+    loss.backward()  # the step goes on as usual
+    flushed = acc.flush()
+    assert flushed.values == {"loss": (13.0,), "half": (6.5,)} and flushed.means == {"loss": 13.0, "half": 6.5}

