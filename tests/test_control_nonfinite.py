@@ -14,6 +14,7 @@ from torch import nn
 from zae_trainer import AddOn, NonFiniteLossError, SkipStep
 from zae_trainer.addons.checkpoint.formats import read_weights
 from zae_trainer.addons.checkpoint.manifest import Manifest
+from zae_trainer.addons.clipping import GradientClippingAddon
 from zae_trainer.addons.nonfinite import NonFiniteGuardAddon
 from zae_trainer.addons.precision import PrecisionMixerAddon
 from zae_trainer.addons.state_manager import StateManagerAddon
@@ -112,6 +113,50 @@ def test_raise_catches_non_finite_gradients_with_a_finite_loss() -> None:
     assert error.step == 2
     assert "non-finite gradient norm at step 2" in str(error)
     assert trainer.progress_checker.step == 6  # found at epoch end: the log point never came
+
+
+class ShapedLoss(TinyRegressionTrainer):
+    """A loss of shape (1,) (``reshape(1)``) or in bf16: the guard's one read per interval must
+    cope with shapes that do not stack with the 0-dim norms, and with mixed dtypes."""
+
+    shape: tuple[int, ...] = (1,)
+    dtype = torch.float32
+
+    def train_step(self, batch: Any) -> dict[str, Any]:
+        x, y = batch
+        return {"loss": nn.functional.mse_loss(self.model(x), y).to(self.dtype).reshape(self.shape)}
+
+
+@pytest.mark.parametrize("shape, dtype", [((1,), torch.float32), ((), torch.bfloat16), ((1,), torch.bfloat16)])
+@pytest.mark.parametrize("with_clipper", [False, True])
+def test_raise_reads_losses_of_other_shapes_and_dtypes(shape: tuple[int, ...], dtype: torch.dtype, with_clipper: bool) -> None:
+    addons: list[Any] = [NonFiniteGuardAddon]
+    if with_clipper:
+        addons.append(GradientClippingAddon(max_norm=1e6))  # the guard then reads the clipper's fp32 norm
+    cls = type("S", (ShapedLoss,), {"shape": shape, "dtype": dtype}).add_on(*addons)
+    trainer = tiny_trainer(cls, log_every_n_steps=3)
+    with pytest.raises(NonFiniteLossError) as info:
+        trainer.run(1, _batches(6, nan_at=(5,)))
+    assert info.value.step == 5 and "loss=nan" in str(info.value) and "gradient norm=nan" in str(info.value)
+    assert trainer.progress_checker.step == 6  # the log point after step 5
+    assert trainer.addon_of(NonFiniteGuardAddon).last_bad[0] == 5
+
+
+def test_raise_reads_finite_values_back_as_they_were() -> None:
+    """The steps before the bad one were read too, and found finite: the first bad step is named."""
+    cls = type("S", (ShapedLoss,), {"shape": (1,)}).add_on(NonFiniteGuardAddon)
+    trainer = tiny_trainer(cls, log_every_n_steps=10)
+    with pytest.raises(NonFiniteLossError) as info:
+        trainer.run(1, _batches(6, nan_at=(4, 5)))
+    assert info.value.step == 4
+
+
+def test_read_together_is_one_list_of_floats_in_order() -> None:
+    from zae_trainer.addons.nonfinite import _read_together
+
+    values = [torch.tensor(1.5), torch.tensor(2.0, dtype=torch.bfloat16), torch.tensor([3.25]), torch.tensor(float("inf"))]
+    assert _read_together(values) == [1.5, 2.0, 3.25, float("inf")]
+    assert _read_together([torch.tensor([1.0]), torch.tensor([2.0])]) == [1.0, 2.0]  # all (1,): flattened
 
 
 def test_raise_keeps_the_state_manager_from_saving_a_poisoned_model(tmp_path: Path) -> None:
