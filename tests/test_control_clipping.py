@@ -169,3 +169,37 @@ def test_configured_by_keyword_and_by_name() -> None:
 def test_conformance(tmp_path: Any) -> None:
     report = check_addon(GradientClippingAddon, {"max_norm": 0.5}, workdir=tmp_path)
     assert report["sync"] == 0 and report["state"] == ["ckpt", "safetensors"]
+
+
+class _TaggedParameter(nn.Parameter):
+    """A parameter subclass: PyTorch, not the add-on, decides per step whether fused kernels apply."""
+
+
+@pytest.mark.parametrize(
+    "requested, subclass, expected",
+    [(None, False, True), (None, True, None), (False, False, False), (True, False, True)],
+)
+def test_foreach_none_is_resolved_once_per_run_as_pytorch_would(
+    monkeypatch: pytest.MonkeyPatch, requested: bool | None, subclass: bool, expected: bool | None
+) -> None:
+    passed: list[Any] = []
+    original = torch.nn.utils.clip_grad_norm_
+
+    def spy(params: Any, max_norm: float, norm_type: float, error_if_nonfinite: bool, foreach: Any) -> torch.Tensor:
+        passed.append(foreach)
+        return original(params, max_norm, norm_type, error_if_nonfinite, foreach)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    trainer = tiny_trainer(TinyRegressionTrainer.add_on(GradientClippingAddon(max_norm=0.1, foreach=requested)), lr=LR)
+    if subclass:
+        trainer.model.weight = _TaggedParameter(trainer.model.weight.detach().clone())
+        trainer.optimizer.param_groups[0]["params"][0] = trainer.model.weight
+    batches = list(tiny_loader(24))
+    trainer.run(1, batches)
+    assert passed == [expected] * 3
+    assert trainer.get_addon("gradient_clipping").foreach is requested  # the setting itself is unchanged
+    # the same result whichever way foreach was resolved
+    reference = tiny_trainer(TinyRegressionTrainer.add_on(GradientClippingAddon(max_norm=0.1, foreach=False)), lr=LR)
+    reference.run(1, batches)
+    for got, want in zip(trainer.model.parameters(), reference.model.parameters()):
+        torch.testing.assert_close(got.detach(), want.detach(), rtol=1e-6, atol=1e-7)

@@ -45,7 +45,11 @@ class GradientClippingAddon(AddOn):
         Raise when the total norm is NaN/Inf (``clip_grad_norm_``'s option). This reads the
         norm on the host, i.e. one synchronisation per step; off by default.
     foreach : bool or None
-        Use the fused multi-tensor kernels (None: where PyTorch supports them).
+        Use the fused multi-tensor kernels (None: where PyTorch supports them). None is
+        resolved once per run, the way ``clip_grad_norm_`` would resolve it every step: True
+        when every parameter is a plain ``nn.Parameter`` on a device with those kernels
+        (sparing ``clip_grad_norm_`` its per-step check of every gradient, ~23,000
+        instructions a step on a three-layer MLP); otherwise left to PyTorch per step.
     record_norm : bool
         Record the total norm before clipping as the metric ``grad_norm``. With
         ``clip_value`` this costs one extra pass over the gradients.
@@ -85,12 +89,14 @@ class GradientClippingAddon(AddOn):
         self.record_norm = bool(record_norm)
         self.last_norm: tuple[int, torch.Tensor] | None = None  # (1-based step, total norm before clipping)
         self._params: list[torch.nn.Parameter] = []
+        self._foreach: bool | None = foreach  # ``foreach`` as resolved for this run
         self._by_optimizer: dict[str, list[torch.Tensor]] | None = None  # several optimizers: each one's params
 
     def on_run_begin(self, trainer: Any) -> None:
         # Gathered once per run, after any wrapping (DDP): clip_grad_norm_ skips parameters
         # without gradients itself, so the list need not change from step to step.
         self._params = list(trainer.model.parameters())
+        self._foreach = self.foreach if self.foreach is not None else _foreach_supported(self._params)
         optimizers = trainer.optimizers
         # Several optimizers: each step clips the parameters of the optimizer stepping (trainer.stepping).
         self._by_optimizer = None if len(optimizers) < 2 else {
@@ -102,7 +108,7 @@ class GradientClippingAddon(AddOn):
         params = self._params if by_optimizer is None else by_optimizer[trainer.stepping]
         if self.max_norm is not None:
             total = torch.nn.utils.clip_grad_norm_(
-                params, self.max_norm, self.norm_type, self.error_if_nonfinite, self.foreach
+                params, self.max_norm, self.norm_type, self.error_if_nonfinite, self._foreach
             )
         else:
             grads = [p.grad for p in params if p.grad is not None]
@@ -110,9 +116,9 @@ class GradientClippingAddon(AddOn):
                 return
             total = None
             if self.record_norm or self.error_if_nonfinite:
-                total = torch.nn.utils.get_total_norm(grads, self.norm_type, self.error_if_nonfinite, self.foreach)
+                total = torch.nn.utils.get_total_norm(grads, self.norm_type, self.error_if_nonfinite, self._foreach)
             assert self.clip_value is not None
-            torch.nn.utils.clip_grad_value_(params, self.clip_value, self.foreach)
+            torch.nn.utils.clip_grad_value_(params, self.clip_value, self._foreach)
         if total is not None:
             # FSDP: a DTensor holding the global norm; keep a plain tensor (the type test first:
             # hasattr on a plain tensor fails through an exception, ~1,000 instructions a step)
@@ -126,6 +132,20 @@ class GradientClippingAddon(AddOn):
     def computes_norm(self) -> bool:
         """Whether every clipped step yields the total norm (``last_norm``)."""
         return self.max_norm is not None or self.record_norm or self.error_if_nonfinite
+
+
+def _foreach_supported(params: list[torch.nn.Parameter]) -> bool | None:
+    """True where ``clip_grad_norm_(foreach=None)`` would take the fused kernels on every
+    step: all parameters plain ``nn.Parameter`` (so their gradients are plain tensors; a
+    DTensor or other subclass is left to PyTorch) on devices that have them. None otherwise,
+    and where this PyTorch does not expose its check: PyTorch then decides per step."""
+    try:
+        from torch.utils._foreach_utils import _device_has_foreach_support
+    except ImportError:  # pragma: no cover - the helper has been there since torch 2.0
+        return None
+    if not params or any(type(p) is not torch.nn.Parameter for p in params):
+        return None
+    return True if all(_device_has_foreach_support(d) for d in {p.device for p in params}) else None
 
 
 def _norm_type(value: float | str) -> float:
