@@ -261,3 +261,18 @@ def test_recorded_scalars_keep_no_graph_and_read_back_their_values() -> None:
     loss.backward()  # the step goes on as usual
     flushed = acc.flush()
     assert flushed.values == {"loss": (13.0,), "half": (6.5,)} and flushed.means == {"loss": 13.0, "half": 6.5}
+
+
+def test_a_flush_reads_scalars_of_every_one_element_shape_and_numbers_in_order() -> None:
+    acc = MetricAccumulator("train")
+    acc.add({"a": torch.tensor(1.0), "b": torch.tensor([2.0])}, 2, 1)  # 0-dim and (1,)
+    acc.add({"a": torch.tensor(3.0), "b": torch.tensor([[4.0]])}, 2, 2)  # and (1, 1)
+    acc.add_value("a", 5.0)  # a number among the tensors
+    acc.add({"c": torch.tensor(7, dtype=torch.int64)}, 1, 3)
+    flushed = acc.flush()
+    assert flushed.values == {"a": (1.0, 3.0, 5.0), "b": (2.0, 4.0), "c": (7.0,)}
+    assert all(type(v) is float for vs in flushed.values.values() for v in vs)
+    assert flushed.means["a"] == pytest.approx((1.0 * 2 + 3.0 * 2 + 5.0) / 5)
+    acc.add({"b": torch.tensor([[1.0], [2.0]]).sum(0)}, 1, 4)  # all (1,): stacked as (n, 1), flattened
+    acc.add({"b": torch.tensor([3.0])}, 1, 5)
+    assert acc.flush().values == {"b": (3.0, 3.0)}
