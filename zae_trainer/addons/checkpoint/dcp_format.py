@@ -72,7 +72,6 @@ __all__ = [
 ]
 
 DCP_STATE_JSON = "zt-checkpoint.json"
-_STATE_TENSORS = "zt-state.safetensors"
 _METADATA = ".metadata"
 _TENSOR_KEYS = ("model", "optimizer")
 
