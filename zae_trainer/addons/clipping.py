@@ -139,13 +139,15 @@ def _foreach_supported(params: list[torch.nn.Parameter]) -> bool | None:
     step: all parameters plain ``nn.Parameter`` (so their gradients are plain tensors; a
     DTensor or other subclass is left to PyTorch) on devices that have them. None otherwise,
     and where this PyTorch does not expose its check: PyTorch then decides per step."""
-    try:
-        from torch.utils._foreach_utils import _device_has_foreach_support
-    except ImportError:  # pragma: no cover - the helper has been there since torch 2.0
-        return None
     if not params or any(type(p) is not torch.nn.Parameter for p in params):
         return None
-    return True if all(_device_has_foreach_support(d) for d in {p.device for p in params}) else None
+    try:  # a private helper (there since torch 2.0): if it moves or changes, PyTorch decides per step
+        from torch.utils._foreach_utils import _device_has_foreach_support
+
+        supported = all(_device_has_foreach_support(d) for d in {p.device for p in params})
+    except (ImportError, AttributeError, TypeError):  # pragma: no cover
+        return None
+    return True if supported else None
 
 
 def _norm_type(value: float | str) -> float:
