@@ -146,6 +146,24 @@ def test_wrong_loss_names_and_fp16_are_refused(gan: ModuleType) -> None:
             model["generator"].parameters(), lr=0.1)}, log_bar=False)
 
 
+@pytest.mark.parametrize("shapes", [((), ()), ((1,), (1,)), ((1,), ())])
+def test_train_loss_is_the_sum_of_the_optimizers_losses_whatever_their_one_element_shapes(
+    gan: ModuleType, shapes: tuple[tuple[int, ...], tuple[int, ...]]
+) -> None:
+    class Shaped(gan.GanTrainer):  # type: ignore[name-defined, misc]
+        def train_step(self, batch: Any) -> dict[str, Any]:
+            losses = super().train_step(batch)["loss"]
+            return {"loss": {"discriminator": losses["discriminator"].reshape(shapes[0]),
+                             "generator": losses["generator"].reshape(shapes[1])}}
+
+    template = gan.make_trainer()
+    trainer = Shaped(template.model, "cpu", "train", template.optimizers, log_bar=False)
+    trainer.run(1, gan.data())
+    first = trainer.history[0]
+    assert first["train/loss"] == pytest.approx(first["train/loss/discriminator"] + first["train/loss/generator"], rel=1e-6)
+    assert math.isfinite(first["train/loss"]) and first["train/loss"] > 0
+
+
 def test_a_non_finite_loss_of_one_optimizer_skips_the_step_for_both(gan: ModuleType) -> None:
     class Poisoned(gan.GanTrainer):  # type: ignore[name-defined, misc]
         def train_step(self, batch: Any) -> dict[str, Any]:
